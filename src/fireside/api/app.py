@@ -1,0 +1,176 @@
+"""The FastAPI app: routes, status codes, auth and error rendering; nothing else.
+
+Everything a route does beyond HTTP lives in `serving.CompletionService`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+
+from fireside.api.auth import BearerAuth
+from fireside.api.errors import APIError, from_validation_errors
+from fireside.api.metrics import make_registry
+from fireside.api.protocol import parse_completion_request
+from fireside.api.responses import ModelInfo
+from fireside.api.serving import ClientDisconnected, CompletionService
+from fireside.engine.client import EngineClient
+
+logger = logging.getLogger(__name__)
+
+# Room for a few base64 images; a text prompt is never near this.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+# nginx's code for "client closed the request"; nobody reads it, but logs do.
+_CLIENT_CLOSED = 499
+_API_PREFIXES = ("/v1", "/inference/v1")
+
+
+def create_app(
+    service: CompletionService,
+    models: Sequence[ModelInfo] | None = None,
+    api_keys: Sequence[str] = (),
+    engines: Mapping[str, EngineClient] | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """Build the app. `engines` defaults to the service's and `models` to one entry per
+    engine; pass them to list something else (a display name, a creation time)."""
+    engines = dict(service.engines if engines is None else engines)
+    if models is None:
+        created = int(time.time())
+        models = [ModelInfo(name, e.context_length, created) for name, e in engines.items()]
+    models_by_id = {model.id: model for model in models}
+    auth = BearerAuth(api_keys)
+    if auth.is_open:
+        logger.warning("no API key configured: the server accepts requests from anyone")
+    registry = make_registry(engines, service.counters)
+
+    app = FastAPI(title="Fireside", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handlers(app)
+    api = APIRouter(dependencies=[Depends(auth)], route_class=_GuardedRoute)
+
+    async def create_completion(request: Request) -> Response:
+        body = await _read_body(request, max_body_bytes)
+        plan = await service.prepare(parse_completion_request(body))
+        if plan.stream:
+            return StreamingResponse(
+                service.stream(plan),
+                media_type="text/event-stream",
+                # no-transform and X-Accel-Buffering stop proxies from holding events back.
+                headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+            )
+        try:
+            return JSONResponse(await service.complete(plan, request.is_disconnected))
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+
+    async def list_models() -> JSONResponse:
+        return JSONResponse(
+            {"object": "list", "data": [m.to_dict() for m in models_by_id.values()]}
+        )
+
+    async def get_model(model_id: str) -> JSONResponse:
+        model = models_by_id.get(model_id)
+        if model is None:
+            raise APIError.model_not_found(model_id)
+        return JSONResponse(model.to_dict())
+
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    for prefix in _API_PREFIXES:
+        api.add_api_route(f"{prefix}/completions", create_completion, methods=["POST"])
+        api.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
+        # :path because model ids may contain "/" (they arrive percent-decoded).
+        api.add_api_route(f"{prefix}/models/{{model_id:path}}", get_model, methods=["GET"])
+    api.add_api_route("/metrics", metrics, methods=["GET"])
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        # Open on purpose: load balancers and orchestrators probe it without a key.
+        if all(engine.is_healthy for engine in engines.values()):
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
+
+    return app
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing early (413) once it passes `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError.too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError.too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _GuardedRoute(APIRoute):
+    """Turns an unexpected exception in a route into a 500 envelope.
+
+    An app-level handler for `Exception` would also answer, but Starlette then
+    re-raises the exception into the server; here the bug is logged once and the
+    client gets a message that leaks nothing.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (APIError, HTTPException, RequestValidationError):
+                raise  # rendered by the app's handlers
+            except Exception:
+                logger.exception("unhandled error in %s %s", request.method, request.url.path)
+                return error_response(APIError.internal())
+
+        return guarded
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def on_api_error(request: Request, exc: Exception) -> Response:
+        return error_response(exc if isinstance(exc, APIError) else APIError.internal())
+
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
+        # FastAPI's default would be 422; the API promises 400.
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        return error_response(from_validation_errors(errors))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        if status == 404:
+            return error_response(APIError.not_found(f"Unknown path: {request.url.path[:200]}"))
+        if status == 405:
+            error = APIError.method_not_allowed()
+            error.headers.update(getattr(exc, "headers", None) or {})
+            return error_response(error)
+        detail = str(getattr(exc, "detail", "")) or "Request failed."
+        return error_response(APIError(status, detail, "invalid_request_error"))
+
+    async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+        # Reached only from outside the routes (a middleware); Starlette logs the traceback.
+        return error_response(APIError.internal())
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)

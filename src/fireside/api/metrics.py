@@ -1,0 +1,86 @@
+"""Prometheus metrics: counts the API layer keeps, and engine counters read at scrape time.
+
+Engine numbers are read from `EngineClient.stats()` when Prometheus scrapes,
+so nothing has to push updates and the numbers are never stale. Each app owns
+its registry, so two apps in one process (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fireside.engine.client import EngineClient
+
+_MODEL = "model_name"
+
+
+class ServingCounters:
+    """What only the API layer sees: tokens submitted and how choices finished."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens: Counter[str] = Counter()
+        self.successes: Counter[tuple[str, str]] = Counter()  # (model, finish_reason)
+
+    def add_prompt_tokens(self, model: str, num_tokens: int) -> None:
+        self.prompt_tokens[model] += num_tokens
+
+    def add_success(self, model: str, finish_reason: str) -> None:
+        self.successes[(model, finish_reason)] += 1
+
+
+class FiresideCollector(Collector):
+    def __init__(self, engines: Mapping[str, EngineClient], counters: ServingCounters) -> None:
+        self._engines = engines
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        running = GaugeMetricFamily(
+            "fireside:num_requests_running", "Sequences running in the engine.", labels=[_MODEL]
+        )
+        waiting = GaugeMetricFamily(
+            "fireside:num_requests_waiting", "Requests waiting to be scheduled.", labels=[_MODEL]
+        )
+        kv_usage = GaugeMetricFamily(
+            "fireside:kv_cache_usage_perc", "Fraction of KV cache cells in use.", labels=[_MODEL]
+        )
+        prefill = CounterMetricFamily(
+            "fireside:prefill_tokens_computed",
+            "Prompt tokens run through the model (prefix-cache hits and forks excluded).",
+            labels=[_MODEL],
+        )
+        generated = CounterMetricFamily(
+            "fireside:generation_tokens", "Tokens generated.", labels=[_MODEL]
+        )
+        prompt = CounterMetricFamily(
+            "fireside:prompt_tokens", "Prompt tokens submitted.", labels=[_MODEL]
+        )
+        successes = CounterMetricFamily(
+            "fireside:request_success",
+            "Choices finished, by finish reason.",
+            labels=[_MODEL, "finished_reason"],
+        )
+        for model, engine in self._engines.items():
+            stats = engine.stats()
+            used, total = stats.num_kv_cells_used, stats.num_kv_cells_total
+            running.add_metric([model], stats.num_running_seqs)
+            waiting.add_metric([model], stats.num_waiting_requests)
+            kv_usage.add_metric([model], used / total if total else 0.0)
+            prefill.add_metric([model], stats.prefill_tokens_total)
+            generated.add_metric([model], stats.generated_tokens_total)
+            prompt.add_metric([model], self._counters.prompt_tokens[model])
+        for (model, reason), count in sorted(self._counters.successes.items()):
+            successes.add_metric([model, reason], count)
+        yield from (running, waiting, kv_usage, prefill, generated, prompt, successes)
+
+
+def make_registry(
+    engines: Mapping[str, EngineClient], counters: ServingCounters
+) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FiresideCollector(engines, counters))
+    return registry

@@ -1,0 +1,161 @@
+"""`fireside serve`: load a model, start its engine, serve the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fireside.config import ServeConfig
+from fireside.models import DEFAULT_MODEL_NAME, default_model_path
+
+log = logging.getLogger("fireside")
+_D = ServeConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fireside",
+        description="A self-hosted server for the Fireworks Create Completion API.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP",
+        description="Load a GGUF model and serve /v1/completions on it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--host", default=_D.host, help="address to listen on")
+    serve.add_argument("--port", type=int, default=_D.port, help="port to listen on (0: any free)")
+    serve.add_argument(
+        "--model",
+        default=_D.model,
+        metavar="PATH.gguf",
+        help="GGUF model file; without it, the embedded SmolLM2-135M-Instruct Q4_1",
+    )
+    serve.add_argument(
+        "--model-name",
+        default=_D.model_name,
+        metavar="NAME",
+        help="model id clients send in `model` (default: the file's name without .gguf)",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="accept this Bearer key (repeatable); also read from FIRESIDE_API_KEYS "
+        "(comma-separated). With no key at all the server is open to anyone",
+    )
+    serve.add_argument(
+        "--ctx-size",
+        type=int,
+        default=_D.ctx_size,
+        metavar="N",
+        help="KV cache cells shared by all running sequences; one request's context "
+        "is the smaller of this and the model's training context",
+    )
+    serve.add_argument(
+        "--parallel",
+        type=int,
+        default=_D.parallel,
+        metavar="N",
+        help="sequences decoding at once (a request with n above this runs alone)",
+    )
+    serve.add_argument(
+        "--threads",
+        type=int,
+        default=_D.threads,
+        metavar="N",
+        help="llama.cpp compute threads (0: the cores this process may use)",
+    )
+    serve.add_argument(
+        "--batch-size",
+        type=int,
+        default=_D.batch_size,
+        metavar="N",
+        help="most tokens computed in one engine step (prompt chunks plus decode tokens)",
+    )
+    serve.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=_D.default_max_tokens,
+        metavar="N",
+        help="max_tokens when a request does not say",
+    )
+    serve.add_argument(
+        "--flash-attn", action="store_true", help="use llama.cpp's flash attention kernels"
+    )
+    serve.add_argument(
+        "--log-level",
+        default=_D.log_level,
+        choices=["debug", "info", "warning", "error"],
+        help="how much to log",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("FIRESIDE_API_KEYS", "").split(",") if k.strip()]
+    return ServeConfig(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        model_name=args.model_name,
+        api_keys=tuple(keys),
+        ctx_size=args.ctx_size,
+        parallel=args.parallel,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        default_max_tokens=args.default_max_tokens,
+        flash_attn=args.flash_attn,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args)
+    problems = _check(config)
+    if problems:
+        parser.error("; ".join(problems))
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from fireside.server import serve  # heavy imports only once arguments are fine
+
+    return serve(config)
+
+
+def _check(config: ServeConfig) -> list[str]:
+    problems = []
+    if config.model is not None and not Path(config.model).is_file():
+        problems.append(f"--model {config.model}: no such file")
+    if config.ctx_size < 64:
+        problems.append("--ctx-size must be at least 64")
+    if not 1 <= config.parallel <= 256:
+        problems.append("--parallel must be in 1..256")
+    if config.threads < 0:
+        problems.append("--threads must be 0 or more")
+    if not 1 <= config.batch_size <= 8192:
+        problems.append("--batch-size must be in 1..8192")
+    if config.default_max_tokens < 0:
+        problems.append("--default-max-tokens must be 0 or more")
+    if not 0 <= config.port <= 65535:
+        problems.append("--port must be in 0..65535")
+    return problems
+
+
+def resolve_model(config: ServeConfig) -> tuple[str, str]:
+    """(path, name) of the model to serve."""
+    if config.model is None:
+        return str(default_model_path()), config.model_name or DEFAULT_MODEL_NAME
+    path = Path(config.model)
+    return str(path), config.model_name or path.name.removesuffix(".gguf")

@@ -1,0 +1,24 @@
+"""Server settings: the one place a default lives. The command line reads its defaults here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str | None = None  # a GGUF path; None serves the embedded SmolLM2-135M-Instruct
+    model_name: str | None = None  # the id clients send; defaults to the file's name
+    api_keys: tuple[str, ...] = field(default_factory=tuple)
+    ctx_size: int = 8192  # KV cells shared by all sequences; also caps one request's context
+    parallel: int = 16  # sequences decoding at once
+    threads: int = 0  # llama.cpp threads; 0 = the cores this process may use
+    batch_size: int = 512  # most tokens per engine step (llama.cpp n_batch)
+    default_max_tokens: int = 16
+    flash_attn: bool = False
+    log_level: str = "info"
+
+    # llama.cpp needs a sequence id per sample, and one request may ask for n=128.
+    max_n: int = 128

@@ -1,0 +1,51 @@
+"""The one interface the API layer uses to reach an engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from fireside.engine.types import EngineRequest, EngineStats, RequestOutput
+
+
+class EngineClient(Protocol):
+    """An engine as seen from asyncio code: submit, stream, abort, inspect."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are valid in [0, vocab_size)."""
+        ...
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt plus output) one sequence may hold."""
+        ...
+
+    @property
+    def is_healthy(self) -> bool:
+        """False while loading and after the engine thread died."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt string, with the model's BOS if it uses one."""
+        ...
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Text of token ids (invalid UTF-8 replaced)."""
+        ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until one has `finished`.
+
+        Leaving the iteration early (break, cancellation, client disconnect)
+        aborts the request and frees its sequences within one engine step.
+        """
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; safe to call for unknown or finished ids."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters."""
+        ...

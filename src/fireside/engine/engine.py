@@ -1,0 +1,310 @@
+"""The engine: one thread that owns the model and runs the step loop.
+
+asyncio handlers call `generate()`, which hands the request to the engine
+thread and yields what it produces through a per-request asyncio queue. Each
+engine step is schedule -> forward -> sample -> update (DESIGN.md); all the
+outputs of one step reach the event loop in a single thread-safe callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from fireside.engine.sampler import sample_rows
+from fireside.engine.scheduler import Chunk, Scheduler, SchedulerConfig
+from fireside.engine.sequence import RequestState
+from fireside.engine.sequence import Sequence as Seq
+from fireside.engine.types import (
+    EngineRequest,
+    EngineStats,
+    FinishReason,
+    RequestOutput,
+    SampleDelta,
+)
+from fireside.runner.base import Batch, Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 16  # sequences decoding at once; `--parallel`
+    token_budget: int = 512  # tokens per step, at most the runner's n_batch
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput]
+
+
+class Engine:
+    def __init__(self, runner: Runner, config: EngineConfig | None = None) -> None:
+        self.runner = runner
+        self.config = config or EngineConfig()
+        self._context_length = min(runner.n_ctx_train, runner.n_ctx)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_slots=runner.n_seq_max,
+                max_running=min(self.config.max_running, runner.n_seq_max),
+                kv_capacity=runner.n_ctx,
+                token_budget=min(self.config.token_budget, runner.n_batch),
+            ),
+            release=lambda seq: runner.seq_remove(seq.slot),
+        )
+        self._cv = threading.Condition()
+        self._inbox: list[RequestState] = []
+        self._aborts: set[str] = set()
+        self._states: dict[str, RequestState] = {}
+        self._arrivals = 0
+        self._stats = EngineStats(num_kv_cells_total=runner.n_ctx)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._dead = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="fireside-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the EngineClient interface -----------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.vocab_size
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._running and not self._dead
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.runner.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.runner.detokenize(token_ids)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        self._submit(request, sink)
+        finished = False
+        try:
+            while not finished:
+                out = await sink.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.num_running_seqs = len(self.scheduler.running)
+        s.num_waiting_requests = len(self.scheduler.waiting) + len(self._inbox)
+        s.num_kv_cells_used = self.scheduler.kv_used()
+        s.extra["num_preempted"] = self.scheduler.num_preempted
+        return s
+
+    def _submit(self, request: EngineRequest, sink: _Sink) -> None:
+        if self._dead or not self._running:
+            raise RuntimeError("the engine is not running")
+        with self._cv:
+            self._arrivals += 1
+            self._inbox.append(RequestState.create(request, sink, self._arrivals))
+            self._cv.notify()
+
+    # -- the engine thread --------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while self._running and not (
+                        self._inbox or self._aborts or self.scheduler.has_work()
+                    ):
+                        self._cv.wait()
+                    if not self._running:
+                        break
+                    inbox, self._inbox = self._inbox, []
+                    aborts, self._aborts = self._aborts, set()
+                self._accept(inbox)
+                self._abort(aborts)
+                if self.scheduler.has_work():
+                    self.step()
+        except Exception:
+            log.exception("engine thread failed")
+            self._dead = True
+            self._fail_all("the engine failed; the request could not be completed")
+
+    def _accept(self, inbox: list[RequestState]) -> None:
+        for state in inbox:
+            if state.params.max_tokens == 0:
+                # Nothing to generate: answer at once without touching the model.
+                for s in state.seqs:
+                    s.finish_reason = FinishReason.LENGTH
+                self._emit([(state, self._output(state))])
+                continue
+            self._states[state.request_id] = state
+            self.scheduler.add(state)
+
+    def _abort(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            state = self._states.pop(rid, None)
+            if state is not None:
+                self.scheduler.remove_request(state)
+                self._stats.requests_aborted_total += 1
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            pending = list(self._states.values()) + self._inbox
+            self._inbox = []
+            self._states.clear()
+        self._emit(
+            [(s, RequestOutput(s.request_id, finished=True, error=message)) for s in pending]
+        )
+
+    def step(self) -> None:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            with self._cv:
+                self._cv.wait(0.005)
+            return
+        batch = Batch()
+        to_sample: list[Chunk] = []
+        for c in chunks:
+            seq, end = c.seq, c.start + c.count
+            for pos in range(c.start, end):
+                batch.add(seq.tokens[pos], pos, seq.slot, False)
+            if c.reaches_end:
+                batch.want_logits[-1] = True
+                to_sample.append(c)
+        logits = self.runner.forward(batch)
+        self._stats.steps_total += 1
+
+        for c in chunks:
+            c.seq.num_computed += c.count
+            self._stats.prefill_tokens_total += max(
+                0, min(c.start + c.count, c.seq.num_prompt) - c.start
+            )
+
+        rows: list[int] = []
+        seqs: list[Seq] = []
+        for row, c in enumerate(to_sample):
+            group = c.seq.group
+            if not group.forked:
+                self._fork(group)
+                for s in group.seqs:
+                    if not s.is_finished:
+                        seqs.append(s)
+                        rows.append(row)
+            else:
+                seqs.append(c.seq)
+                rows.append(row)
+        if not seqs:
+            return
+        tokens = sample_rows(
+            logits[rows], [s.group.params for s in seqs], [s.rng for s in seqs]
+        )
+        touched: dict[int, RequestState] = {}
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._append(seq, token)
+            touched[id(seq.group)] = seq.group
+        self._stats.generated_tokens_total += len(seqs)
+
+        outputs: list[tuple[RequestState, RequestOutput]] = []
+        for group in touched.values():
+            outputs.append((group, self._output(group)))
+            if group.is_finished:
+                self._states.pop(group.request_id, None)
+                self.scheduler.remove_request(group)
+                self._stats.requests_finished_total += 1
+        self._emit(outputs)
+
+    def _fork(self, group: RequestState) -> None:
+        """Share the computed prompt with every sample: prefill once, decode n ways."""
+        first = group.seqs[0]
+        num_prompt = group.num_prompt
+        others = [s for s in group.seqs[1:] if not s.is_finished]
+        for s in others:
+            self.runner.seq_copy(first.slot, s.slot, 0, num_prompt)
+            s.num_computed = num_prompt
+        if others:
+            for s in [first, *others]:
+                s.num_shared = num_prompt
+        group.forked = True
+
+    def _append(self, seq: Seq, token: int) -> None:
+        seq.tokens.append(token)
+        seq.new_token_ids.append(token)
+        params = seq.group.params
+        if self.runner.is_eog(token) and not params.ignore_eos:
+            seq.finish_reason = FinishReason.STOP
+        elif seq.detok.add(self.runner.token_bytes(token)):
+            seq.finish_reason = FinishReason.STOP
+        elif seq.num_output >= params.max_tokens or len(seq.tokens) >= self._context_length:
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.is_finished:
+            seq.detok.finish()
+            self.scheduler.free(seq)
+
+    def _output(self, group: RequestState) -> RequestOutput:
+        deltas = []
+        for s in group.seqs:
+            text = s.detok.take(final=s.is_finished)
+            if text or s.new_token_ids or s.is_finished:
+                deltas.append(
+                    SampleDelta(
+                        index=s.index,
+                        text=text,
+                        token_ids=tuple(s.new_token_ids),
+                        finish_reason=s.finish_reason,
+                    )
+                )
+                s.new_token_ids.clear()
+        return RequestOutput(
+            request_id=group.request_id,
+            deltas=tuple(deltas),
+            num_prompt_tokens=group.num_prompt,
+            num_cached_tokens=group.num_cached,
+            finished=group.is_finished,
+        )
+
+    def _emit(self, outputs: list[tuple[RequestState, RequestOutput]]) -> None:
+        """Hand a step's outputs to their event loops, one callback per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for state, out in outputs:
+            sink = state.sink
+            assert isinstance(sink, _Sink)
+            by_loop.setdefault(sink.loop, []).append((sink.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed; nobody is listening
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+

@@ -1,0 +1,84 @@
+"""The narrow interface the engine needs from a model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    """Tokens for one forward call; every token belongs to exactly one sequence.
+
+    `want_logits[i]` asks for the logits after token i; `forward` returns one
+    row per such token, in batch order.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    seq_ids: list[int] = field(default_factory=list)
+    want_logits: list[bool] = field(default_factory=list)
+
+    def add(self, token: int, position: int, seq_id: int, want_logits: bool) -> None:
+        self.tokens.append(token)
+        self.positions.append(position)
+        self.seq_ids.append(seq_id)
+        self.want_logits.append(want_logits)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def num_logits(self) -> int:
+        return sum(self.want_logits)
+
+
+class KVCacheFull(Exception):
+    """The KV cache had no room for the batch; nothing was computed."""
+
+
+class Runner(Protocol):
+    """A loaded model with one context holding several sequences."""
+
+    vocab_size: int
+    n_ctx: int  # KV cells shared by all sequences
+    n_ctx_train: int
+    n_batch: int  # most tokens one forward call accepts
+    n_seq_max: int  # sequence ids are in [0, n_seq_max)
+    add_bos: bool
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of text, special tokens parsed, BOS added if the model uses it."""
+        ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token renders to in generated text (control tokens render empty)."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens."""
+        ...
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        """Run the batch; return float32 logits, one row per token that asked for them.
+
+        Raises KVCacheFull when the cache has no room (nothing computed), and
+        ValueError for a batch the context cannot take (checked before llama.cpp,
+        which aborts the process on an oversized batch).
+        """
+        ...
+
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        """Drop a sequence's cells in [start, end); end -1 means to the end."""
+        ...
+
+    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
+        """Make dst share src's cells in [start, end) (metadata only in a unified cache)."""
+        ...
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """Text of a token list, invalid UTF-8 replaced."""
+        ...

@@ -1,0 +1,196 @@
+"""The runner on llama.cpp's C API, through llama-cpp-python's low-level bindings.
+
+One model, one context, `n_seq_max` sequences in a unified KV cache (so
+`seq_copy` shares cells instead of copying them). Only this module imports
+llama_cpp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+from fireside.runner.base import Batch, KVCacheFull
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    model_path: str
+    n_ctx: int = 8192  # KV cells shared by all sequences
+    n_batch: int = 512
+    n_seq_max: int = 128
+    n_threads: int = 0  # 0: the cores this process may use
+    flash_attn: bool = False
+    verbose: bool = False
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_GGML_LOG_LEVEL_ERROR = 3
+_backend_ready = False
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready
+    if _backend_ready:
+        return
+    if not verbose:
+        # llama.cpp prints every tensor it loads to stderr; keep errors only.
+        _silence_llama_logs()
+    llama_cpp.llama_backend_init()
+    _backend_ready = True
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level == _GGML_LOG_LEVEL_ERROR:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+def _silence_llama_logs() -> None:
+    llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+
+
+class LlamaCppRunner:
+    def __init__(
+        self, config: LlamaCppConfig, progress: Callable[[float], None] | None = None
+    ) -> None:
+        _init_backend(config.verbose)
+        self.config = config
+
+        mparams = llama_cpp.llama_model_default_params()
+        if progress is not None:
+            # Keep the ctypes callback alive for as long as loading lasts.
+            def _on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+                progress(fraction)
+                return True
+
+            self._progress_cb = llama_cpp.llama_progress_callback(_on_progress)
+            mparams.progress_callback = self._progress_cb
+        model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), mparams)
+        if not model:
+            raise RuntimeError(f"could not load model {config.model_path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+
+        n_threads = config.n_threads or available_cores()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.n_batch
+        cparams.n_ubatch = config.n_batch  # one ubatch per call: a failed call leaves no partial state
+        cparams.n_seq_max = config.n_seq_max
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if config.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise RuntimeError("could not create a llama.cpp context")
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+
+        self.n_threads = n_threads
+        self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.n_batch = llama_cpp.llama_n_batch(ctx)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(ctx)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._pieces = [self._piece(t) for t in range(self.vocab_size)]
+        self._eog = np.array(
+            [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.vocab_size)]
+        )
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._token_view = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._pos_view = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._nseq_view = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        self._logits_view = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        self._nseq_view[:] = 1
+        self._seq_slot = [self._batch.seq_id[i] for i in range(self.n_batch)]
+
+    # -- model facts -------------------------------------------------------
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._pieces[token]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._eog[token])
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 2
+        buf = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, True)
+        if n < 0:
+            capacity = -n
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, True)
+        return list(buf[:n])
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return b"".join(self._pieces[t] for t in token_ids).decode("utf-8", "replace")
+
+    # -- compute -----------------------------------------------------------
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        n = len(batch)
+        if n == 0 or n > self.n_batch:
+            raise ValueError(f"batch of {n} tokens; the context takes 1..{self.n_batch}")
+        self._token_view[:n] = batch.tokens
+        self._pos_view[:n] = batch.positions
+        self._logits_view[:n] = batch.want_logits
+        slots = self._seq_slot
+        for i, seq in enumerate(batch.seq_ids):
+            slots[i][0] = seq
+        self._batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, self._batch)
+        if rc == 1:
+            raise KVCacheFull()
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        rows = batch.num_logits
+        if rows == 0:
+            return np.empty((0, self.vocab_size), dtype=np.float32)
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)).copy()
+
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        llama_cpp.llama_memory_seq_rm(self._mem, seq_id, start, end)
+
+    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, start, end)
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            self._ctx = None

@@ -1,0 +1,102 @@
+"""Wiring: model -> runner -> engine -> app -> uvicorn. The only place all layers meet."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import uvicorn
+
+from fireside.api import CompletionService, ModelInfo, create_app
+from fireside.cli import resolve_model
+from fireside.config import ServeConfig
+from fireside.engine.engine import Engine, EngineConfig
+from fireside.runner.llamacpp import LlamaCppConfig, LlamaCppRunner, available_cores
+
+log = logging.getLogger("fireside")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, announcing the bound address (port 0 picks a free one) once it listens."""
+
+    async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        await super().startup(sockets)
+        if self.should_exit or not self.servers:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        print(f"fireside: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.shown = -1
+
+    def __call__(self, fraction: float) -> None:
+        percent = int(fraction * 100)
+        if percent // 10 > self.shown // 10 or percent == 100 and self.shown != 100:
+            self.shown = percent
+            print(f"fireside: loading {self.name}: {percent}%", file=sys.stderr, flush=True)
+
+
+def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
+    threads = config.threads or available_cores()
+    started = time.perf_counter()
+    runner = LlamaCppRunner(
+        LlamaCppConfig(
+            model_path=path,
+            n_ctx=config.ctx_size,
+            n_batch=config.batch_size,
+            n_seq_max=min(256, max(config.parallel, config.max_n)),
+            n_threads=threads,
+            flash_attn=config.flash_attn,
+        ),
+        progress=_Progress(name),
+    )
+    log.info(
+        "loaded %s in %.1fs: vocab %d, context %d, %d KV cells, %d threads",
+        path,
+        time.perf_counter() - started,
+        runner.vocab_size,
+        min(runner.n_ctx, runner.n_ctx_train),
+        runner.n_ctx,
+        threads,
+    )
+    return Engine(
+        runner, EngineConfig(max_running=config.parallel, token_budget=config.batch_size)
+    )
+
+
+def serve(config: ServeConfig) -> int:
+    path, name = resolve_model(config)
+    engine = build_engine(config, path, name)
+    engine.start()
+    service = CompletionService({name: engine}, default_max_tokens=config.default_max_tokens)
+    app = create_app(
+        service,
+        models=[ModelInfo(name, engine.context_length, int(time.time()))],
+        api_keys=config.api_keys,
+    )
+    if not config.api_keys:
+        print(
+            "fireside: WARNING: no API key configured (--api-key or FIRESIDE_API_KEYS): "
+            "anyone who can reach this port can use the server",
+            file=sys.stderr,
+            flush=True,
+        )
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
+    )
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    return 0

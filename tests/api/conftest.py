@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from fireside.api import CompletionService, create_app
+
+from .fake_engine import FakeEngine
+from .helpers import MODEL
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+MakeClient = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(engine: FakeEngine) -> MakeClient:
+    def make(
+        engines: dict[str, Any] | None = None,
+        api_keys: Sequence[str] = (),
+        default_max_tokens: int = 16,
+        **app_kwargs: Any,
+    ) -> TestClient:
+        service = CompletionService(engines or {MODEL: engine}, default_max_tokens)
+        app = create_app(service, api_keys=api_keys, **app_kwargs)
+        # raise_server_exceptions=False: a 500 must be an answer, not a crash.
+        return TestClient(app, raise_server_exceptions=False)
+
+    return make
+
+
+@pytest.fixture
+def client(make_client: MakeClient) -> TestClient:
+    return make_client()
