@@ -63,9 +63,7 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
         runner.n_ctx,
         threads,
     )
-    return Engine(
-        runner, EngineConfig(max_running=config.parallel, token_budget=config.batch_size)
-    )
+    return Engine(runner, EngineConfig(max_running=config.parallel, token_budget=config.batch_size))
 
 
 def serve(config: ServeConfig) -> int:

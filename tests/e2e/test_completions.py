@@ -17,7 +17,9 @@ def _complete(client, **body):
 
 def _stream_text(client, **body):
     chunks = []
-    with client.stream("POST", "/v1/completions", json={"model": MODEL, "stream": True, **body}) as r:
+    with client.stream(
+        "POST", "/v1/completions", json={"model": MODEL, "stream": True, **body}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -91,5 +93,7 @@ def test_openai_sdk(server_url):
     sdk = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused")
     out = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
     assert out.choices[0].text
-    stream = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, stream=True)
+    stream = sdk.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=4, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text

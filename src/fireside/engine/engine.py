@@ -223,9 +223,7 @@ class Engine:
                 rows.append(row)
         if not seqs:
             return
-        tokens = sample_rows(
-            logits[rows], [s.group.params for s in seqs], [s.rng for s in seqs]
-        )
+        tokens = sample_rows(logits[rows], [s.group.params for s in seqs], [s.rng for s in seqs])
         touched: dict[int, RequestState] = {}
         for seq, token in zip(seqs, tokens, strict=True):
             self._append(seq, token)
@@ -307,4 +305,3 @@ class Engine:
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
     for queue, out in items:
         queue.put_nowait(out)
-

@@ -91,7 +91,9 @@ class LlamaCppRunner:
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = config.n_ctx
         cparams.n_batch = config.n_batch
-        cparams.n_ubatch = config.n_batch  # one ubatch per call: a failed call leaves no partial state
+        cparams.n_ubatch = (
+            config.n_batch
+        )  # one ubatch per call: a failed call leaves no partial state
         cparams.n_seq_max = config.n_seq_max
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
