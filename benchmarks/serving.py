@@ -1,0 +1,94 @@
+"""Output tok/s and time to first token of a running server, against raw batched llama_decode.
+
+    python benchmarks/serving.py --url http://127.0.0.1:8000 --concurrency 1 4 16
+    python benchmarks/serving.py --raw --concurrency 1 4 16 --threads 2
+
+Prompts are ~200 tokens, 128 output tokens, ignore_eos, streaming.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+
+PROMPT = "Write a long story about a lighthouse keeper named {i}. " * 18  # ~200 tokens
+
+
+async def _one(c, model, i, max_tokens):
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": max_tokens,
+            "stream": True, "ignore_eos": True, "temperature": 0}
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                ev = json.loads(line[6:])
+                if ev.get("choices") and first is None:
+                    first = time.perf_counter() - t0
+                if "usage" in ev:
+                    n = ev["usage"]["completion_tokens"]
+    return first, n
+
+
+async def serve_bench(url, model, conc, max_tokens):
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(_one(c, model, i, max_tokens) for i in range(conc)))
+        wall = time.perf_counter() - t0
+    toks = sum(n for _, n in res)
+    return toks / wall, statistics.median(f for f, _ in res)
+
+
+def raw_bench(conc, max_tokens, threads):
+    import numpy as np
+
+    from fireside.models import default_model_path
+    from fireside.runner.base import Batch
+    from fireside.runner.llamacpp import LlamaCppConfig, LlamaCppRunner
+
+    r = LlamaCppRunner(LlamaCppConfig(str(default_model_path()), n_threads=threads))
+    prompts = [r.tokenize(PROMPT.format(i=i)) for i in range(conc)]
+    t0 = time.perf_counter()
+    last = []
+    for s, p in enumerate(prompts):  # prefill each prompt in one call
+        b = Batch()
+        for pos, t in enumerate(p):
+            b.add(t, pos, s, pos == len(p) - 1)
+        last.append(int(np.argmax(r.forward(b)[0])))
+    ttft = time.perf_counter() - t0
+    for step in range(max_tokens - 1):
+        b = Batch()
+        for s, p in enumerate(prompts):
+            b.add(last[s], len(p) + step, s, True)
+        last = [int(x) for x in np.argmax(r.forward(b), axis=1)]
+    wall = time.perf_counter() - t0
+    r.close()
+    return conc * max_tokens / wall, ttft
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--raw", action="store_true", help="raw batched llama_decode, no server")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    for conc in a.concurrency:
+        if a.raw:
+            tps, ttft = raw_bench(conc, a.max_tokens, a.threads)
+            print(f"raw    concurrency {conc:3d}: {tps:7.1f} output tok/s, all prompts prefilled {ttft:.2f}s")
+        else:
+            tps, ttft = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens))
+            print(f"served concurrency {conc:3d}: {tps:7.1f} output tok/s, TTFT p50 {ttft:.2f}s")
+
+
+if __name__ == "__main__":
+    main()
