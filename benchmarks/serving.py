@@ -23,8 +23,14 @@ async def _one(c, model, i, max_tokens):
     t0 = time.perf_counter()
     first = None
     n = 0
-    body = {"model": model, "prompt": PROMPT.format(i=i), "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True, "temperature": 0}
+    body = {
+        "model": model,
+        "prompt": PROMPT.format(i=i),
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
     async with c.stream("POST", "/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
@@ -84,7 +90,9 @@ def main():
     for conc in a.concurrency:
         if a.raw:
             tps, ttft = raw_bench(conc, a.max_tokens, a.threads)
-            print(f"raw    concurrency {conc:3d}: {tps:7.1f} output tok/s, all prompts prefilled {ttft:.2f}s")
+            print(
+                f"raw    concurrency {conc:3d}: {tps:7.1f} output tok/s, all prompts prefilled {ttft:.2f}s"
+            )
         else:
             tps, ttft = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens))
             print(f"served concurrency {conc:3d}: {tps:7.1f} output tok/s, TTFT p50 {ttft:.2f}s")

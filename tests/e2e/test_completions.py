@@ -97,3 +97,35 @@ def test_openai_sdk(server_url):
         model=MODEL, prompt="Hello", max_tokens=4, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
+
+
+def test_fireworks_sdk(server_url):
+    from fireworks import Fireworks
+
+    sdk = Fireworks(base_url=server_url, api_key="unused")
+    out = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    assert out.choices[0].text
+    stream = sdk.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=4, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
+
+
+def test_echo_and_truncate_vs_error(client):
+    out = _complete(client, prompt="Hello there", echo=True, max_tokens=3, temperature=0)
+    assert out["choices"][0]["text"].startswith("Hello there")
+    fits = _complete(
+        client, prompt="Hi", max_tokens=10**6, temperature=0, ignore_eos=True, stop=["."]
+    )
+    assert fits["choices"][0]["finish_reason"] == "stop"
+    r = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "Hi",
+            "max_tokens": 10**6,
+            "context_length_exceeded_behavior": "error",
+        },
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
