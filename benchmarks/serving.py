@@ -91,7 +91,7 @@ def main():
         if a.raw:
             tps, ttft = raw_bench(conc, a.max_tokens, a.threads)
             print(
-                f"raw    concurrency {conc:3d}: {tps:7.1f} output tok/s, all prompts prefilled {ttft:.2f}s"
+                f"raw    concurrency {conc:3d}: {tps:7.1f} tok/s, prefill {ttft:.2f}s"
             )
         else:
             tps, ttft = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens))

@@ -8,10 +8,10 @@ tokenized, with its sampling parameters); the engine answers with a stream of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the context ran out
     ABORT = "abort"  # the client left or the server is shutting down; never sent to a client
