@@ -103,31 +103,34 @@ class Scheduler:
         for s in decoding[:budget]:
             chunks.append(Chunk(s, s.num_computed, 1))
         budget -= len(chunks)
-        new_cells = len(chunks)
+
+        # Cells left once this step's decode tokens are placed; counted down from here
+        # instead of re-walking the running list for every chunk.
+        free_cells = self.config.kv_capacity - self.kv_used() - len(chunks)
 
         # Then prompt chunks, oldest first.
         prefilling.sort(key=lambda s: (s.group.arrival, s.index))
         for s in prefilling:
-            n = min(s.num_pending, budget, self.config.kv_capacity - self.kv_used() - new_cells)
+            n = min(s.num_pending, budget, free_cells)
             if n <= 0:
                 break
             chunks.append(Chunk(s, s.num_computed, n))
             budget -= n
-            new_cells += n
+            free_cells -= n
 
         # Then admit waiting work while it fits.
         while self.waiting and budget > 0:
             item = self.waiting[0]
-            if not self._can_admit(item, new_cells):
+            if not self._can_admit(item, free_cells):
                 break
             self.waiting.popleft()
             for s in self._admit(item):
-                n = min(s.num_pending, budget, self.config.kv_capacity - self.kv_used() - new_cells)
+                n = min(s.num_pending, budget, free_cells)
                 if n <= 0:
                     break
                 chunks.append(Chunk(s, s.num_computed, n))
                 budget -= n
-                new_cells += n
+                free_cells -= n
         return chunks
 
     @staticmethod
@@ -147,7 +150,7 @@ class Scheduler:
             return len([s for s in item.seqs if not s.is_finished]), item.num_prompt
         return 1, len(item.tokens)
 
-    def _can_admit(self, item: RequestState | Sequence, new_cells: int) -> bool:
+    def _can_admit(self, item: RequestState | Sequence, free_cells: int) -> bool:
         slots, cells = self._needs(item)
         if slots > len(self._free_slots):
             return False
@@ -158,7 +161,7 @@ class Scheduler:
             return False
         # Leave room for every running sequence to decode a while after admission.
         headroom = (num_running + slots) * 16
-        return self.kv_used() + new_cells + cells + headroom <= self.config.kv_capacity
+        return cells + headroom <= free_cells
 
     def _admit(self, item: RequestState | Sequence) -> list[Sequence]:
         """Give the item its slots; return the sequences that compute now."""
