@@ -34,6 +34,10 @@ class EngineClient(Protocol):
         """Text of token ids (invalid UTF-8 replaced)."""
         ...
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token renders to (may be part of a multi-byte character)."""
+        ...
+
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs until one has `finished`.
 

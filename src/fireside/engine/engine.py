@@ -100,6 +100,9 @@ class Engine:
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.runner.detokenize(token_ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.runner.token_bytes(token_id)
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._submit(request, sink)

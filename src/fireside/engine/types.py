@@ -30,10 +30,44 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = True  # the source document says the text contains it
     ignore_eos: bool = False
+    min_p: float = 0.0  # 0 is off
+    typical_p: float = 1.0  # 1 is off
+    frequency_penalty: float = 0.0  # over generated tokens
+    presence_penalty: float = 0.0  # over generated tokens
+    repetition_penalty: float = 1.0  # over prompt and generated tokens; 1 is off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids already validated
+    logprobs: int | None = None  # alternatives per generated token; None: no logprobs
+    prompt_logprobs: int | None = None  # alternatives per prompt token; None: not scored
+    prompt_logprobs_start: int = 0  # first prompt position scored (echo_last)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(
+            self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0
+        )
+
+    @property
+    def truncates(self) -> bool:
+        """Whether sampling cuts the distribution (beyond temperature)."""
+        return bool(self.top_k or self.top_p < 1.0 or self.min_p or self.typical_p < 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probabilities: log-softmax of the raw logits.
+
+    Raw means before logit_bias, penalties, temperature or truncation.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the most likely (id, logprob), most likely first
+    sampling_logprob: float | None = None  # under the distribution sampled from; None in prompts
 
 
 @dataclass(frozen=True)
@@ -51,6 +85,7 @@ class SampleDelta:
     text: str  # never ends inside a multi-byte character or a possible stop string
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
 
 
 @dataclass(frozen=True)
@@ -61,6 +96,9 @@ class RequestOutput:
     deltas: tuple[SampleDelta, ...] = ()
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # Scores of prompt positions prompt_logprobs_start.. (None where a position has no
+    # predecessor, i.e. position 0); only in the request's first output, when asked for.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finished: bool = False  # every sample has finished; nothing more will come
     error: str | None = None  # the engine failed this request; finished is True
 
