@@ -14,7 +14,9 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from fireside.engine.sampler import sample_rows
+import numpy as np
+
+from fireside.engine.sampler import History, logprobs_of, sample_rows
 from fireside.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from fireside.engine.sequence import RequestState
 from fireside.engine.sequence import Sequence as Seq
@@ -24,6 +26,7 @@ from fireside.engine.types import (
     FinishReason,
     RequestOutput,
     SampleDelta,
+    TokenLogprob,
 )
 from fireside.runner.base import Batch, Runner
 
@@ -162,7 +165,7 @@ class Engine:
 
     def _accept(self, inbox: list[RequestState]) -> None:
         for state in inbox:
-            if state.params.max_tokens == 0:
+            if state.params.max_tokens == 0 and state.params.prompt_logprobs is None:
                 # Nothing to generate: answer at once without touching the model.
                 for s in state.seqs:
                     s.finish_reason = FinishReason.LENGTH
@@ -194,14 +197,21 @@ class Engine:
                 self._cv.wait(0.005)
             return
         batch = Batch()
-        to_sample: list[Chunk] = []
+        to_sample: list[tuple[Chunk, int]] = []  # chunk, its logits row
+        scored: list[tuple[Chunk, int, int, int]] = []  # chunk, first position, count, first row
+        num_rows = 0
         for c in chunks:
             seq, end = c.seq, c.start + c.count
+            lo, hi = self._scored_positions(c)
             for pos in range(c.start, end):
-                batch.add(seq.tokens[pos], pos, seq.slot, False)
-            if c.reaches_end:
+                batch.add(seq.tokens[pos], pos, seq.slot, lo <= pos < hi)
+            if hi > lo:
+                scored.append((c, lo, hi - lo, num_rows))
+                num_rows += hi - lo
+            if c.reaches_end and c.seq.group.params.max_tokens > 0:
                 batch.want_logits[-1] = True
-                to_sample.append(c)
+                to_sample.append((c, num_rows))
+                num_rows += 1
         logits = self.runner.forward(batch)
         self._stats.steps_total += 1
 
@@ -210,10 +220,22 @@ class Engine:
             self._stats.prefill_tokens_total += max(
                 0, min(c.start + c.count, c.seq.num_prompt) - c.start
             )
+        for c, first_pos, count, first_row in scored:
+            self._score_prompt(c.seq.group, logits[first_row : first_row + count], first_pos)
+
+        touched: dict[int, RequestState] = {}
+        for c in chunks:
+            group = c.seq.group
+            if c.reaches_end and group.params.max_tokens == 0:
+                # Scoring only (echo with logprobs): the prompt is done, nothing to generate.
+                for s in group.seqs:
+                    s.finish_reason = FinishReason.LENGTH
+                    self.scheduler.free(s)
+                touched[id(group)] = group
 
         rows: list[int] = []
         seqs: list[Seq] = []
-        for row, c in enumerate(to_sample):
+        for c, row in to_sample:
             group = c.seq.group
             if not group.forked:
                 self._fork(group)
@@ -224,14 +246,11 @@ class Engine:
             else:
                 seqs.append(c.seq)
                 rows.append(row)
-        if not seqs:
-            return
-        tokens = sample_rows(logits[rows], [s.group.params for s in seqs], [s.rng for s in seqs])
-        touched: dict[int, RequestState] = {}
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._append(seq, token)
-            touched[id(seq.group)] = seq.group
-        self._stats.generated_tokens_total += len(seqs)
+        if seqs:
+            self._sample(logits[rows], seqs)
+            for seq in seqs:
+                touched[id(seq.group)] = seq.group
+            self._stats.generated_tokens_total += len(seqs)
 
         outputs: list[tuple[RequestState, RequestOutput]] = []
         for group in touched.values():
@@ -241,6 +260,58 @@ class Engine:
                 self.scheduler.remove_request(group)
                 self._stats.requests_finished_total += 1
         self._emit(outputs)
+
+    def _scored_positions(self, c: Chunk) -> tuple[int, int]:
+        """Positions [lo, hi) of the chunk whose logits score the next prompt token."""
+        group = c.seq.group
+        if not group.scores_prompt:
+            return 0, 0
+        # The logits at position p score prompt token p + 1.
+        first = max(group.params.prompt_logprobs_start, 1) - 1
+        lo = max(c.start, first)
+        hi = min(c.start + c.count, group.num_prompt - 1)
+        return lo, max(lo, hi)
+
+    def _score_prompt(self, group: RequestState, rows: np.ndarray, first_pos: int) -> None:
+        prompt = group.request.prompt_token_ids
+        if group.prompt_scores is None:
+            group.prompt_scores = [None] * group.num_prompt
+        num_top = group.params.prompt_logprobs or 0
+        targets = prompt[first_pos + 1 : first_pos + 1 + rows.shape[0]]
+        target_lp, top, top_lp = logprobs_of(rows, targets, num_top)
+        for r, token in enumerate(targets):
+            group.prompt_scores[first_pos + 1 + r] = TokenLogprob(
+                token, float(target_lp[r]), _pairs(top[r], top_lp[r])
+            )
+
+    def _sample(self, rows: np.ndarray, seqs: list[Seq]) -> None:
+        """Choose each sequence's next token from its logits row (a copy we may change)."""
+        params = [s.group.params for s in seqs]
+        want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = rows[want_lp] if want_lp else None  # scores come from the untouched logits
+        histories = [
+            History(s.group.prompt_unique, s.tokens[s.num_prompt :])
+            if s.group.params.has_penalties
+            else None
+            for s in seqs
+        ]
+        sampled = sample_rows(rows, params, [s.rng for s in seqs], histories)
+        if raw is not None:
+            num_top = max(params[i].logprobs or 0 for i in want_lp)
+            targets = [sampled.tokens[i] for i in want_lp]
+            target_lp, top, top_lp = logprobs_of(raw, targets, num_top)
+            for r, i in enumerate(want_lp):
+                n = params[i].logprobs or 0
+                seqs[i].new_logprobs.append(
+                    TokenLogprob(
+                        targets[r],
+                        float(target_lp[r]),
+                        _pairs(top[r, :n], top_lp[r, :n]),
+                        sampled.sampling_logprobs[i],
+                    )
+                )
+        for seq, token in zip(seqs, sampled.tokens, strict=True):
+            self._append(seq, token)
 
     def _fork(self, group: RequestState) -> None:
         """Share the computed prompt with every sample: prefill once, decode n ways."""
@@ -270,6 +341,7 @@ class Engine:
             self.scheduler.free(seq)
 
     def _output(self, group: RequestState) -> RequestOutput:
+        params = group.params
         deltas = []
         for s in group.seqs:
             text = s.detok.take(final=s.is_finished)
@@ -280,14 +352,23 @@ class Engine:
                         text=text,
                         token_ids=tuple(s.new_token_ids),
                         finish_reason=s.finish_reason,
+                        logprobs=tuple(s.new_logprobs) if params.logprobs is not None else None,
                     )
                 )
                 s.new_token_ids.clear()
+                s.new_logprobs.clear()
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and not group.prompt_scores_sent:
+            scores = group.prompt_scores or [None] * group.num_prompt
+            prompt_logprobs = tuple(scores[params.prompt_logprobs_start :])
+            group.prompt_scores_sent = True
+            group.prompt_scores = None  # sent once; no need to keep them
         return RequestOutput(
             request_id=group.request_id,
             deltas=tuple(deltas),
             num_prompt_tokens=group.num_prompt,
             num_cached_tokens=group.num_cached,
+            prompt_logprobs=prompt_logprobs,
             finished=group.is_finished,
         )
 
@@ -308,3 +389,7 @@ class Engine:
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
     for queue, out in items:
         queue.put_nowait(out)
+
+
+def _pairs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[tuple[int, float], ...]:
+    return tuple((int(t), float(lp)) for t, lp in zip(ids, logprobs, strict=True))

@@ -1,11 +1,23 @@
-"""Choosing the next token from logits rows.
+"""Choosing the next token from logits rows, and scoring tokens.
 
-Greedy rows are one vectorised arg-max. Sampled rows draw one uniform number
-per token from their sequence's own generator, so a seeded request gives the
+The pipeline for one row is: logit_bias, then penalties (repetition,
+frequency, presence), then temperature, then the truncations in the order
+Hugging Face applies them (top_k, top_p, min_p, typical_p), then one draw.
+
+Each path costs only what it uses. Greedy rows are one vectorised arg-max;
+rows with plain temperature share one vectorised softmax and cumulative sum;
+only rows that truncate the distribution are handled one by one. Every
+sampled row draws one uniform number from its sequence's own generator, and
+no row's arithmetic depends on the other rows, so a seeded request gives the
 same text whatever else shares the batch.
+
+Logprobs are computed from the raw rows (`logprobs_of`), before any of this.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,26 +30,98 @@ from fireside.engine.types import SamplingParams
 _NUCLEUS_POOL = 1024
 
 
+@dataclass
+class History:
+    """The tokens penalties look at, for one row."""
+
+    prompt_unique: np.ndarray  # distinct prompt token ids (repetition penalty only)
+    output: Sequence[int]  # generated tokens so far
+
+
+@dataclass
+class Sampled:
+    tokens: list[int]
+    # log-probability of each token under the distribution it was drawn from
+    # (0 for greedy rows, whose distribution is a point mass)
+    sampling_logprobs: list[float]
+
+
 def sample_rows(
-    logits: np.ndarray, params: list[SamplingParams], rngs: list[np.random.Generator]
-) -> list[int]:
-    """One token per row of `logits` ([rows, vocab] float32)."""
-    tokens = [0] * len(params)
+    logits: np.ndarray,
+    params: Sequence[SamplingParams],
+    rngs: Sequence[np.random.Generator],
+    histories: Sequence[History | None] | None = None,
+) -> Sampled:
+    """One token per row of `logits` ([rows, vocab] float32, modified in place)."""
+    num_rows = len(params)
+    tokens = [0] * num_rows
+    sampling_logprobs = [0.0] * num_rows
+    for i, p in enumerate(params):
+        if p.logit_bias or p.has_penalties:
+            history = histories[i] if histories is not None else None
+            process_row(logits[i], p, history)
+
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
     if greedy:
-        picks = np.argmax(logits[greedy], axis=1)
-        for i, t in zip(greedy, picks, strict=True):
+        for i, t in zip(greedy, np.argmax(logits[greedy], axis=1), strict=True):
             tokens[i] = int(t)
+
+    plain = [i for i, p in enumerate(params) if not p.is_greedy and not p.truncates]
+    if plain:
+        temps = np.array([params[i].temperature for i in plain], dtype=np.float32)
+        x = logits[plain] / temps[:, None]
+        x -= x.max(axis=1, keepdims=True)
+        np.exp(x, out=x)
+        cdf = np.cumsum(x, axis=1, dtype=np.float64)
+        for r, i in enumerate(plain):
+            total = cdf[r, -1]
+            j = _draw(cdf[r], rngs[i].random())
+            tokens[i] = j
+            sampling_logprobs[i] = float(np.log(x[r, j] / total))
+
     for i, p in enumerate(params):
-        if not p.is_greedy:
-            tokens[i] = sample_one(logits[i], p, rngs[i].random())
-    return tokens
+        if not p.is_greedy and p.truncates:
+            probs, ids = filtered_distribution(logits[i], p)
+            j = _draw(np.cumsum(probs), rngs[i].random())
+            tokens[i] = int(ids[j]) if ids is not None else j
+            sampling_logprobs[i] = float(np.log(probs[j]))
+    return Sampled(tokens, sampling_logprobs)
+
+
+def _draw(cdf: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw: the first index whose cumulative mass exceeds u * total."""
+    j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
+    return min(j, cdf.size - 1)  # u * total can round up to the last edge
+
+
+def process_row(row: np.ndarray, params: SamplingParams, history: History | None) -> None:
+    """Apply logit_bias and penalties to one row of logits, in place."""
+    if params.logit_bias:
+        ids = np.fromiter((t for t, _ in params.logit_bias), dtype=np.int64)
+        values = np.fromiter((b for _, b in params.logit_bias), dtype=np.float32)
+        np.add.at(row, ids, values)
+    if history is None or not params.has_penalties:
+        return
+    output = np.asarray(history.output, dtype=np.int64)
+    if params.repetition_penalty != 1.0:
+        seen = np.union1d(history.prompt_unique, output)
+        values = row[seen]
+        penalty = np.float32(params.repetition_penalty)
+        row[seen] = np.where(values > 0, values / penalty, values * penalty)
+    if output.size and (params.frequency_penalty or params.presence_penalty):
+        ids, counts = np.unique(output, return_counts=True)
+        row[ids] -= counts * np.float32(params.frequency_penalty) + np.float32(
+            params.presence_penalty
+        )
 
 
 def filtered_distribution(
     logits: np.ndarray, params: SamplingParams
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The distribution sampled from: (probabilities, token ids or None for all)."""
+    """The distribution sampled from: (probabilities, token ids or None for all).
+
+    Probabilities are normalised and in float64; ids map them back to tokens.
+    """
     x = logits.astype(np.float64) / params.temperature
     ids: np.ndarray | None = None
     k = params.top_k
@@ -46,20 +130,41 @@ def filtered_distribution(
         x = x[ids]
     probs = np.exp(x - x.max())
     probs /= probs.sum()
-    if params.top_p < 1.0:
-        keep = _nucleus(probs, params.top_p)
-        probs = probs[keep]
-        probs /= probs.sum()
-        ids = keep if ids is None else ids[keep]
+    for keep_of in (_top_p_keep, _min_p_keep, _typical_keep):
+        keep = keep_of(probs, params)
+        if keep is not None:
+            probs = probs[keep]
+            probs /= probs.sum()
+            ids = keep if ids is None else ids[keep]
     return probs, ids
 
 
-def sample_one(logits: np.ndarray, params: SamplingParams, u: float) -> int:
-    probs, ids = filtered_distribution(logits, params)
-    cdf = np.cumsum(probs)
-    j = int(np.searchsorted(cdf, u * cdf[-1], side="right"))
-    j = min(j, probs.size - 1)  # u * total can round up to the last edge
-    return int(ids[j]) if ids is not None else j
+def _top_p_keep(probs: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+    if params.top_p >= 1.0:
+        return None
+    return _nucleus(probs, params.top_p)
+
+
+def _min_p_keep(probs: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+    """Tokens at least min_p times as likely as the most likely one."""
+    if params.min_p <= 0.0:
+        return None
+    return np.flatnonzero(probs >= params.min_p * probs.max())
+
+
+def _typical_keep(probs: np.ndarray, params: SamplingParams) -> np.ndarray | None:
+    """Locally typical sampling: the tokens whose surprise is closest to the entropy,
+    fewest first, until their mass reaches typical_p."""
+    if params.typical_p >= 1.0:
+        return None
+    with np.errstate(divide="ignore"):
+        surprise = -np.log(probs)
+    finite = np.isfinite(surprise)
+    entropy = float(np.sum(probs[finite] * surprise[finite]))
+    order = np.argsort(np.abs(surprise - entropy), kind="stable")
+    cum = np.cumsum(probs[order])
+    cut = int(np.searchsorted(cum, params.typical_p, side="left")) + 1
+    return order[: min(cut, order.size)]
 
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
@@ -74,3 +179,29 @@ def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     cum = np.cumsum(probs[order])
     cut = int(np.searchsorted(cum, top_p, side="left")) + 1
     return order[: min(cut, order.size)]
+
+
+def logprobs_of(
+    rows: np.ndarray, targets: Sequence[int], num_top: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Log-softmax scores of raw logits rows ([k, vocab] float32).
+
+    Returns (the target token's logprob per row [k], the ids of the num_top most
+    likely tokens per row, most likely first [k, num_top], and their logprobs).
+    """
+    k = rows.shape[0]
+    peak = rows.max(axis=1)
+    shifted = np.exp(rows - peak[:, None])
+    lse = peak.astype(np.float64) + np.log(shifted.sum(axis=1, dtype=np.float64))
+    arange = np.arange(k)
+    target_lp = rows[arange, np.asarray(targets, dtype=np.int64)] - lse
+    if num_top <= 0:
+        empty = np.empty((k, 0))
+        return target_lp, empty.astype(np.int64), empty
+    num_top = min(num_top, rows.shape[1])
+    top = np.argpartition(rows, -num_top, axis=1)[:, -num_top:]
+    top_values = np.take_along_axis(rows, top, axis=1)
+    order = np.argsort(-top_values, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    top_lp = np.take_along_axis(top_values, order, axis=1) - lse[:, None]
+    return target_lp, top, top_lp

@@ -23,6 +23,9 @@ class SchedulerConfig:
     max_running: int  # most sequences decoding at once (a request with n > this runs alone)
     kv_capacity: int  # KV cells shared by all sequences
     token_budget: int  # most tokens in one step's batch
+    # Most prompt positions scored (logits kept) in one step: bounds llama.cpp's
+    # logits buffer, which grows to the largest batch of outputs it has seen.
+    max_scored_rows: int = 256
 
 
 @dataclass
@@ -108,29 +111,30 @@ class Scheduler:
         # instead of re-walking the running list for every chunk.
         free_cells = self.config.kv_capacity - self.kv_used() - len(chunks)
 
-        # Then prompt chunks, oldest first.
+        # Then prompt chunks, oldest first; then admit waiting work while it fits.
+        scored_rows = self.config.max_scored_rows
+
+        def take(s: Sequence) -> None:
+            nonlocal budget, free_cells, scored_rows
+            n = min(s.num_pending, budget, free_cells)
+            if s.group.scores_prompt:
+                n = min(n, scored_rows)
+                scored_rows -= max(n, 0)
+            if n > 0:
+                chunks.append(Chunk(s, s.num_computed, n))
+                budget -= n
+                free_cells -= n
+
         prefilling.sort(key=lambda s: (s.group.arrival, s.index))
         for s in prefilling:
-            n = min(s.num_pending, budget, free_cells)
-            if n <= 0:
-                break
-            chunks.append(Chunk(s, s.num_computed, n))
-            budget -= n
-            free_cells -= n
-
-        # Then admit waiting work while it fits.
-        while self.waiting and budget > 0:
+            take(s)
+        while self.waiting and budget > 0 and free_cells > 0:
             item = self.waiting[0]
             if not self._can_admit(item, free_cells):
                 break
             self.waiting.popleft()
             for s in self._admit(item):
-                n = min(s.num_pending, budget, free_cells)
-                if n <= 0:
-                    break
-                chunks.append(Chunk(s, s.num_computed, n))
-                budget -= n
-                free_cells -= n
+                take(s)
         return chunks
 
     @staticmethod

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fireside.engine.detokenizer import Detokenizer
-from fireside.engine.types import EngineRequest, FinishReason, SamplingParams
+from fireside.engine.types import EngineRequest, FinishReason, SamplingParams, TokenLogprob
 
 
 @dataclass(eq=False)
@@ -29,6 +29,7 @@ class Sequence:
     num_shared: int = 0  # leading cells shared with the request's other samples
     finish_reason: FinishReason | None = None
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)  # the same tokens' scores
 
     @property
     def num_prompt(self) -> int:
@@ -62,6 +63,11 @@ class RequestState:
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # the prompt has been computed and shared with every sample
     num_cached: int = 0
+    # Scores of prompt tokens (index = position; None at 0 and where not scored),
+    # filled while the prompt is computed when the request asked for them.
+    prompt_scores: list[TokenLogprob | None] | None = None
+    prompt_scores_sent: bool = False
+    _prompt_unique: np.ndarray | None = None
 
     @property
     def request_id(self) -> str:
@@ -78,6 +84,18 @@ class RequestState:
     @property
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The prompt still has to be computed with its logits kept for scoring."""
+        return self.params.prompt_logprobs is not None and not self.forked
+
+    @property
+    def prompt_unique(self) -> np.ndarray:
+        """Distinct prompt token ids, for the repetition penalty; computed once."""
+        if self._prompt_unique is None:
+            self._prompt_unique = np.unique(np.asarray(self.request.prompt_token_ids))
+        return self._prompt_unique
 
     @classmethod
     def create(cls, request: EngineRequest, sink: object, arrival: int) -> RequestState:

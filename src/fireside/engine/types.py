@@ -44,7 +44,6 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
-
     @property
     def has_penalties(self) -> bool:
         return bool(
