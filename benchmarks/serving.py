@@ -4,6 +4,8 @@
     python benchmarks/serving.py --raw --concurrency 1 4 16 --threads 2
 
 Prompts are ~200 tokens, 128 output tokens, ignore_eos, streaming.
+`--logprobs N` asks for N alternatives per token; `--echo` (with --logprobs)
+also scores every prompt token, as evaluation harnesses do.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import httpx
 PROMPT = "Write a long story about a lighthouse keeper named {i}. " * 18  # ~200 tokens
 
 
-async def _one(c, model, i, max_tokens):
+async def _one(c, model, i, max_tokens, extra):
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -30,6 +32,7 @@ async def _one(c, model, i, max_tokens):
         "stream": True,
         "ignore_eos": True,
         "temperature": 0,
+        **extra,
     }
     async with c.stream("POST", "/v1/completions", json=body) as r:
         async for line in r.aiter_lines():
@@ -42,10 +45,10 @@ async def _one(c, model, i, max_tokens):
     return first, n
 
 
-async def serve_bench(url, model, conc, max_tokens):
+async def serve_bench(url, model, conc, max_tokens, extra):
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         t0 = time.perf_counter()
-        res = await asyncio.gather(*(_one(c, model, i, max_tokens) for i in range(conc)))
+        res = await asyncio.gather(*(_one(c, model, i, max_tokens, extra) for i in range(conc)))
         wall = time.perf_counter() - t0
     toks = sum(n for _, n in res)
     return toks / wall, statistics.median(f for f, _ in res)
@@ -86,15 +89,20 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--raw", action="store_true", help="raw batched llama_decode, no server")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--logprobs", type=int, default=None, help="alternatives per token")
+    ap.add_argument("--echo", action="store_true", help="echo the prompt (scored with --logprobs)")
     a = ap.parse_args()
+    extra = {}
+    if a.logprobs is not None:
+        extra["logprobs"] = a.logprobs
+    if a.echo:
+        extra["echo"] = True
     for conc in a.concurrency:
         if a.raw:
             tps, ttft = raw_bench(conc, a.max_tokens, a.threads)
-            print(
-                f"raw    concurrency {conc:3d}: {tps:7.1f} tok/s, prefill {ttft:.2f}s"
-            )
+            print(f"raw    concurrency {conc:3d}: {tps:7.1f} tok/s, prefill {ttft:.2f}s")
         else:
-            tps, ttft = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens))
+            tps, ttft = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens, extra))
             print(f"served concurrency {conc:3d}: {tps:7.1f} output tok/s, TTFT p50 {ttft:.2f}s")
 
 

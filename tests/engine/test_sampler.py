@@ -161,6 +161,22 @@ def test_plain_temperature_samples_the_softmax() -> None:
     np.testing.assert_allclose(counts / n, want, atol=0.015)
 
 
+def test_plain_temperature_draws_across_blocks_and_the_tail() -> None:
+    # 600 tokens: two full blocks of 256 and a tail of 88, a likely token in each.
+    x = np.full(600, -30.0, dtype=np.float32)
+    x[[5, 300, 599]] = [1.0, 0.5, 0.0]
+    rng = np.random.default_rng(2)
+    counts: dict[int, int] = {}
+    for _ in range(100):
+        out = sample_rows(np.tile(x, (100, 1)), [SamplingParams()] * 100, [rng] * 100)
+        for t in out.tokens:
+            counts[t] = counts.get(t, 0) + 1
+    assert set(counts) == {5, 300, 599}
+    want = softmax(np.array([1.0, 0.5, 0.0]))
+    got = np.array([counts[5], counts[300], counts[599]]) / 10000
+    np.testing.assert_allclose(got, want, atol=0.02)
+
+
 def test_sampling_logprob_is_under_the_distribution_sampled_from(logits: np.ndarray) -> None:
     plain = SamplingParams(temperature=0.5)
     cut = SamplingParams(temperature=0.5, top_k=3)

@@ -28,6 +28,7 @@ from fireside.engine.types import SamplingParams
 # pool holds less than top_p of the mass we fall back to a full sort, so the
 # result is exact either way.
 _NUCLEUS_POOL = 1024
+_BLOCK = 256  # two-level inverse-CDF sampling: blocks of this many tokens
 
 
 @dataclass
@@ -72,12 +73,9 @@ def sample_rows(
         x = logits[plain] / temps[:, None]
         x -= x.max(axis=1, keepdims=True)
         np.exp(x, out=x)
-        cdf = np.cumsum(x, axis=1, dtype=np.float64)
+        picks = _draw_rows(x, [rngs[i].random() for i in plain])
         for r, i in enumerate(plain):
-            total = cdf[r, -1]
-            j = _draw(cdf[r], rngs[i].random())
-            tokens[i] = j
-            sampling_logprobs[i] = float(np.log(x[r, j] / total))
+            tokens[i], sampling_logprobs[i] = picks[r]
 
     for i, p in enumerate(params):
         if not p.is_greedy and p.truncates:
@@ -86,6 +84,33 @@ def sample_rows(
             tokens[i] = int(ids[j]) if ids is not None else j
             sampling_logprobs[i] = float(np.log(probs[j]))
     return Sampled(tokens, sampling_logprobs)
+
+
+def _draw_rows(weights: np.ndarray, us: list[float]) -> list[tuple[int, float]]:
+    """Inverse-CDF draws from unnormalised weight rows: (token, its log-probability).
+
+    A cumulative sum over the whole vocabulary is the slow part of sampling, so it
+    is done in two levels: over block sums, then within the one block drawn.
+    """
+    num_rows, vocab = weights.shape
+    full = vocab - vocab % _BLOCK
+    sums = weights[:, :full].reshape(num_rows, -1, _BLOCK).sum(axis=2, dtype=np.float64)
+    if full < vocab:
+        tail = weights[:, full:].sum(axis=1, dtype=np.float64)
+        sums = np.concatenate([sums, tail[:, None]], axis=1)
+    block_cdf = np.cumsum(sums, axis=1)
+    picks = []
+    for r, u in enumerate(us):
+        total = block_cdf[r, -1]
+        target = u * total
+        b = min(int(np.searchsorted(block_cdf[r], target, side="right")), block_cdf.shape[1] - 1)
+        while sums[r, b] == 0.0 and b > 0:  # rounding can land past the last weighted block
+            b -= 1
+        before = block_cdf[r, b - 1] if b else 0.0
+        block = weights[r, b * _BLOCK : (b + 1) * _BLOCK]
+        j = b * _BLOCK + _draw(np.cumsum(block, dtype=np.float64), (target - before) / sums[r, b])
+        picks.append((j, float(np.log(weights[r, j] / total))))
+    return picks
 
 
 def _draw(cdf: np.ndarray, u: float) -> int:
@@ -169,12 +194,13 @@ def _typical_keep(probs: np.ndarray, params: SamplingParams) -> np.ndarray | Non
 
 def _nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     """Indices of the smallest most-likely set whose mass reaches top_p, most likely first."""
-    if probs.size > _NUCLEUS_POOL:
-        pool = np.argpartition(probs, -_NUCLEUS_POOL)[-_NUCLEUS_POOL:]
-        if probs[pool].sum() < top_p:
-            pool = np.arange(probs.size)
-    else:
-        pool = np.arange(probs.size)
+    pool = np.arange(probs.size)
+    for size in (_NUCLEUS_POOL, 8 * _NUCLEUS_POOL):
+        if probs.size > size:
+            candidates = np.argpartition(probs, -size)[-size:]
+            if probs[candidates].sum() >= top_p:
+                pool = candidates
+                break
     order = pool[np.argsort(-probs[pool], kind="stable")]
     cum = np.cumsum(probs[order])
     cut = int(np.searchsorted(cum, top_p, side="left")) + 1
