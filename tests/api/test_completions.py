@@ -85,6 +85,13 @@ def test_sampling_params_reach_the_engine(client, engine):
         stop=["\n", "END"],
         include_stop_str_in_output=False,
         ignore_eos=True,
+        min_p=0.05,
+        typical_p=0.9,
+        frequency_penalty=0.5,
+        presence_penalty=-0.25,
+        repetition_penalty=1.1,
+        logit_bias={"999": -100, "7": 2.5, "0": 1},
+        logprobs=3,
     )
     assert engine.requests[0].params == SamplingParams(
         max_tokens=5,
@@ -96,9 +103,23 @@ def test_sampling_params_reach_the_engine(client, engine):
         stop=("\n", "END"),
         include_stop_str_in_output=False,
         ignore_eos=True,
+        min_p=0.05,
+        typical_p=0.9,
+        frequency_penalty=0.5,
+        presence_penalty=-0.25,
+        repetition_penalty=1.1,
+        logit_bias=((0, 1.0), (7, 2.5), (999, -100.0)),  # ids, in order
+        logprobs=3,
     )
     post(client, prompt="x", stop="##")
     assert engine.requests[-1].params.stop == ("##",)
+
+
+def test_logit_bias_outside_the_vocabulary_submits_nothing(client, engine):
+    response = post(client, prompt="x", logit_bias={"5": 1, "1000": -1})
+    error = assert_error(response, 400, "logit_bias", "invalid_value")
+    assert "1000" in error["message"]
+    assert engine.requests == []
 
 
 def test_defaults_come_from_sampling_params(client, engine):

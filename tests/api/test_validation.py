@@ -26,16 +26,39 @@ INVALID: list[tuple[dict[str, Any], str, str | None]] = [
     ({"presence_penalty": -3}, "presence_penalty", "invalid_value"),
     ({"repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
     ({"repetition_penalty": 2.5}, "repetition_penalty", "invalid_value"),
+    ({"min_p": -0.1}, "min_p", "invalid_value"),
+    ({"typical_p": 1.5}, "typical_p", "invalid_value"),
+    ({"frequency_penalty": "1"}, "frequency_penalty", "invalid_type"),
+    ({"presence_penalty": 2.1}, "presence_penalty", "invalid_value"),
+    ({"repetition_penalty": -1}, "repetition_penalty", "invalid_value"),
     ({"logit_bias": {"abc": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"5": -100.5}}, "logit_bias", "invalid_value"),
+    # Out of the vocabulary (the fake's is 1000): known only once the model is.
+    ({"logit_bias": {"1000": 1}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"5": 1, "99999999999999999999": -1}}, "logit_bias", "invalid_value"),
     ({"logit_bias": {"5": 101}}, "logit_bias", "invalid_value"),
     ({"logit_bias": {"5": "x"}}, "logit_bias", "invalid_type"),
     ({"logit_bias": [1]}, "logit_bias", "invalid_type"),
     ({"logprobs": 6}, "logprobs", "invalid_value"),
     ({"logprobs": -1}, "logprobs", "invalid_value"),
     ({"logprobs": "2"}, "logprobs", "invalid_type"),
-    ({"top_logprobs": 6}, "top_logprobs", "invalid_value"),
+    ({"logprobs": 1.5}, "logprobs", "invalid_type"),
+    ({"logprobs": [1]}, "logprobs", "invalid_type"),
+    ({"logprobs": 7, "top_logprobs": 2}, "logprobs", "invalid_value"),  # the first error
+    ({"logprobs": 1, "top_logprobs": 6}, "top_logprobs", "invalid_value"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", "invalid_value"),
+    ({"logprobs": True, "top_logprobs": "2"}, "top_logprobs", "invalid_type"),
+    ({"logprobs": True, "top_logprobs": True}, "top_logprobs", "invalid_type"),
+    # top_logprobs without logprobs asks for alternatives of nothing.
+    ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),
+    ({"logprobs": None, "top_logprobs": 1}, "top_logprobs", "invalid_value"),
+    ({"logprobs": False, "top_logprobs": 0}, "top_logprobs", "invalid_value"),
     ({"echo": "yes"}, "echo", "invalid_type"),
     ({"echo_last": -1}, "echo_last", "invalid_value"),
+    ({"echo_last": "2"}, "echo_last", "invalid_type"),
+    ({"echo_last": 1.5}, "echo_last", "invalid_type"),
+    ({"echo_last": True}, "echo_last", "invalid_type"),
     ({"max_tokens": -1}, "max_tokens", "invalid_value"),
     ({"max_tokens": "16"}, "max_tokens", "invalid_type"),
     ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
@@ -89,20 +112,7 @@ def test_invalid_field_is_400_naming_it(client, fields, param, code):
 
 
 UNSUPPORTED: list[dict[str, Any]] = [
-    {"logprobs": 0},  # 0 still asks for the sampled token's logprob
-    {"logprobs": 2},
-    {"logprobs": True},
-    {"echo_last": 2},
-    {"min_p": 0.1},
-    {"typical_p": 0.5},
-    {"frequency_penalty": 0.5},
-    {"presence_penalty": -0.5},
-    {"repetition_penalty": 1.1},
-    {"logit_bias": {"5": 1.0}},
     {"response_format": {"type": "json_object"}},
-    {"return_token_ids": True},
-    {"raw_output": True},
-    {"perf_metrics_in_response": True},
     {"prompt_cache_max_len": 0},
 ]
 
@@ -116,10 +126,36 @@ def test_not_yet_supported_field_is_400_unsupported(client, engine, fields):
     assert engine.requests == []
 
 
+SUPPORTED: list[dict[str, Any]] = [
+    {"logprobs": 0},  # 0 still asks for the sampled token's logprob
+    {"logprobs": 5},
+    {"logprobs": True},
+    {"logprobs": 0, "top_logprobs": 5},
+    {"logprobs": True, "top_logprobs": 0},
+    {"echo_last": 0},
+    {"echo_last": 100},  # more than the prompt: the whole prompt
+    {"echo_last": 1, "logprobs": 1},
+    {"min_p": 0.1},
+    {"typical_p": 0.5},
+    {"frequency_penalty": 2, "presence_penalty": -2, "repetition_penalty": 2},
+    {"logit_bias": {"5": 100, "999": -100}},
+    {"return_token_ids": True},
+    {"raw_output": True},
+    {"perf_metrics_in_response": True},
+]
+
+
+@pytest.mark.parametrize("fields", SUPPORTED, ids=lambda v: repr(v)[:60])
+def test_formerly_unsupported_fields_are_accepted(client, engine, fields):
+    response = client.post("/v1/completions", json={**BASE, **fields})
+    assert response.status_code == 200, response.text
+    assert len(engine.requests) == 1
+
+
 NEUTRAL: list[dict[str, Any]] = [
     {"logprobs": None},
     {"logprobs": False},
-    {"top_logprobs": 2},
+    {"top_logprobs": None},
     {"min_p": 0},
     {"typical_p": 1},
     {"frequency_penalty": 0, "presence_penalty": 0.0, "repetition_penalty": 1},

@@ -21,7 +21,7 @@ from fireside.api.auth import BearerAuth
 from fireside.api.errors import APIError, from_validation_errors
 from fireside.api.metrics import make_registry
 from fireside.api.protocol import parse_completion_request
-from fireside.api.responses import ModelInfo
+from fireside.api.responses import ModelInfo, perf_metrics_headers
 from fireside.api.serving import ClientDisconnected, CompletionService
 from fireside.engine.client import EngineClient
 
@@ -69,9 +69,10 @@ def create_app(
                 headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
             )
         try:
-            return JSONResponse(await service.complete(plan, request.is_disconnected))
+            completion = await service.complete(plan, request.is_disconnected)
         except ClientDisconnected:
             return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(completion.body, headers=perf_metrics_headers(completion.perf_metrics))
 
     async def list_models() -> JSONResponse:
         return JSONResponse(

@@ -48,6 +48,15 @@ def check_token_ids(token_ids: Sequence[int], vocab_size: int, prompt_index: int
             )
 
 
+def check_logit_bias(logit_bias: Sequence[tuple[int, float]], vocab_size: int) -> None:
+    for token_id, _ in logit_bias:
+        if token_id >= vocab_size:
+            raise APIError.invalid(
+                f"logit_bias token id {token_id} is out of range [0, {vocab_size})",
+                "logit_bias",
+            )
+
+
 def fit_to_context(
     num_prompt_tokens: int, max_tokens: int, context_length: int, truncate: bool
 ) -> int:

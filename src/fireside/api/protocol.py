@@ -10,6 +10,7 @@ that the feature is missing (`CompletionRequest.unsupported_field`).
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -34,6 +35,11 @@ _PROMPT_SHAPES = (
     "prompt must be a string, an array of strings, an array of token ids "
     "or an array of arrays of token ids"
 )
+
+
+class LogprobsFormat(StrEnum):
+    LEGACY = "legacy"  # logprobs: N, OpenAI's legacy completions object
+    CONTENT = "content"  # logprobs: true, the chat-style {"content": [...]} object
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -137,6 +143,18 @@ class CompletionRequest(BaseModel):
             raise _invalid("logprobs must be from 0 to 5")
         return int(value)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # A failed `logprobs` is reported first (fields are checked in order).
+        if "logprobs" not in info.data:  # invalid, and already reported
+            return value
+        logprobs = info.data["logprobs"]
+        # `is`, not `in (None, False)`: 0 == False, and logprobs 0 is on.
+        if value is not None and (logprobs is None or logprobs is False):
+            raise _invalid("top_logprobs needs logprobs (true or an integer)")
+        return value
+
     @field_validator("stop", mode="plain")
     @classmethod
     def _check_stop(cls, value: Any) -> str | list[str] | None:
@@ -187,22 +205,33 @@ class CompletionRequest(BaseModel):
         """The first field asking for something the engine cannot do yet, if any."""
         response_type = (self.response_format or {}).get("type", "text")
         asks = {
-            # logprobs 0 still asks for the sampled token's logprob; only off is off.
-            "logprobs": self.logprobs is not None and self.logprobs is not False,
-            "echo_last": self.echo_last is not None,
-            "min_p": self.min_p not in (None, 0),
-            "typical_p": self.typical_p not in (None, 1),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
-            "presence_penalty": self.presence_penalty not in (None, 0),
-            "repetition_penalty": self.repetition_penalty not in (None, 1),
-            "logit_bias": bool(self.logit_bias),
             "response_format": response_type != "text",
-            "return_token_ids": bool(self.return_token_ids),
-            "raw_output": bool(self.raw_output),
-            "perf_metrics_in_response": bool(self.perf_metrics_in_response),
             "prompt_cache_max_len": self.prompt_cache_max_len is not None,
         }
         return next((name for name, asked in asks.items() if asked), None)
+
+    @property
+    def logprobs_format(self) -> LogprobsFormat | None:
+        # logprobs 0 still asks for the sampled token's logprob; only false and null are off.
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        return LogprobsFormat.CONTENT if self.logprobs is True else LogprobsFormat.LEGACY
+
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """Alternatives per position, or None when logprobs are off."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.top_logprobs is not None:
+            return self.top_logprobs
+        return 0 if self.logprobs is True else int(self.logprobs)
+
+    def num_echo_tokens(self, num_prompt_tokens: int) -> int:
+        """How many of the prompt's last tokens the text starts with."""
+        if self.echo_last is not None:
+            # echo_last is the more specific ask, so it wins over echo: true.
+            return min(self.echo_last, num_prompt_tokens)
+        return num_prompt_tokens if self.echo else 0
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -214,7 +243,14 @@ class CompletionRequest(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """(token id, bias) sorted by id; the ids are not yet checked against a vocabulary."""
+        # "5" and "05" name one token: the last one given wins, as a JSON object would.
+        bias = {int(key): value for key, value in (self.logit_bias or {}).items()}
+        return tuple(sorted(bias.items()))
+
+    def to_sampling_params(self, max_tokens: int, num_prompt_tokens: int) -> SamplingParams:
         """Engine parameters for one prompt; `max_tokens` is already fitted to the context."""
         given: dict[str, Any] = {
             "temperature": self.temperature,
@@ -226,10 +262,27 @@ class CompletionRequest(BaseModel):
             "n": self.n,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "ignore_eos": self.ignore_eos,
+            "min_p": self.min_p,
+            "typical_p": self.typical_p,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+            "repetition_penalty": self.repetition_penalty,
         }
         # None means "not given": SamplingParams is the one place the defaults live.
         kwargs = {name: value for name, value in given.items() if value is not None}
-        return SamplingParams(max_tokens=max_tokens, stop=self.stop_sequences, **kwargs)
+        num_top = self.num_top_logprobs
+        num_echo = self.num_echo_tokens(num_prompt_tokens)
+        # Echoed prompt tokens carry logprobs too, so the engine scores them.
+        if num_top is not None and num_echo:
+            kwargs["prompt_logprobs"] = num_top
+            kwargs["prompt_logprobs_start"] = num_prompt_tokens - num_echo
+        return SamplingParams(
+            max_tokens=max_tokens,
+            stop=self.stop_sequences,
+            logit_bias=self.logit_bias_pairs,
+            logprobs=num_top,
+            **kwargs,
+        )
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:

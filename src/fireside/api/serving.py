@@ -17,13 +17,20 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from fireside.api.choices import Choices
 from fireside.api.errors import APIError
 from fireside.api.metrics import ServingCounters
-from fireside.api.prompts import check_token_ids, fit_to_context, tokenize_prompts
+from fireside.api.plan import CompletionPlan, OutputOptions, PromptPlan
+from fireside.api.prompts import (
+    check_logit_bias,
+    check_token_ids,
+    fit_to_context,
+    tokenize_prompts,
+)
 from fireside.api.protocol import CompletionRequest
-from fireside.api.responses import SSE_DONE, choice_dict, completion_dict, sse_event, usage_dict
+from fireside.api.responses import SSE_DONE, completion_dict, perf_metrics_dict, sse_event
 from fireside.engine.client import EngineClient
-from fireside.engine.types import EngineRequest, FinishReason, RequestOutput, SamplingParams
+from fireside.engine.types import EngineRequest, FinishReason, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -38,32 +45,11 @@ class ClientDisconnected(Exception):
 
 
 @dataclass(frozen=True)
-class PromptPlan:
-    index: int
-    token_ids: tuple[int, ...]
-    echo_text: str  # "" unless the request asked for echo
-    params: SamplingParams  # max_tokens already fitted to the context
+class Completion:
+    """A non-streamed answer: the body, and the perf metrics its headers carry."""
 
-
-@dataclass(frozen=True)
-class CompletionPlan:
-    """A request that passed every check, ready to run."""
-
-    cmpl_id: str
-    created: int
-    model: str
-    engine: EngineClient
-    prompts: tuple[PromptPlan, ...]
-    n: int
-    stream: bool
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return sum(len(p.token_ids) for p in self.prompts)
-
-    @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.n
+    body: dict[str, Any]
+    perf_metrics: dict[str, Any]
 
 
 class CompletionService:
@@ -81,6 +67,7 @@ class CompletionService:
 
     async def prepare(self, request: CompletionRequest) -> CompletionPlan:
         """Check everything a client could get wrong; raises `APIError`, submits nothing."""
+        started_at = time.monotonic()
         engine = self.engines.get(request.model)
         if engine is None:
             raise APIError.model_not_found(request.model)
@@ -91,6 +78,7 @@ class CompletionService:
             raise APIError.invalid("model does not accept images", "images")
         if not engine.is_healthy:
             raise APIError.unavailable()
+        check_logit_bias(request.logit_bias_pairs, engine.vocab_size)
 
         prompts = await tokenize_prompts(engine, request.prompt)
         requested = request.requested_max_tokens
@@ -99,12 +87,18 @@ class CompletionService:
         plans = []
         for index, (token_ids, text) in enumerate(prompts):
             check_token_ids(token_ids, engine.vocab_size, index)
-            fitted = fit_to_context(len(token_ids), max_tokens, engine.context_length, truncate)
-            echo_text = ""
-            if request.echo:
-                echo_text = text if text is not None else engine.detokenize(token_ids)
-            params = request.to_sampling_params(fitted)
-            plans.append(PromptPlan(index, tuple(token_ids), echo_text, params))
+            num_tokens = len(token_ids)
+            fitted = fit_to_context(num_tokens, max_tokens, engine.context_length, truncate)
+            echo_text = _echo_text(engine, token_ids, text, request.num_echo_tokens(num_tokens))
+            params = request.to_sampling_params(fitted, num_tokens)
+            plans.append(PromptPlan(index, tuple(token_ids), text, echo_text, params))
+        options = OutputOptions(
+            logprobs=request.logprobs_format,
+            num_top_logprobs=request.num_top_logprobs or 0,
+            return_token_ids=bool(request.return_token_ids),
+            raw_output=bool(request.raw_output),
+            perf_metrics=bool(request.perf_metrics_in_response),
+        )
         plan = CompletionPlan(
             cmpl_id=f"cmpl-{uuid.uuid4().hex}",
             created=int(time.time()),
@@ -113,6 +107,8 @@ class CompletionService:
             prompts=tuple(plans),
             n=plans[0].params.n,
             stream=bool(request.stream),
+            options=options,
+            started_at=started_at,
         )
         logger.info(
             "completion %s: model=%s prompts=%d prompt_tokens=%d n=%d stream=%s user=%r",
@@ -128,19 +124,16 @@ class CompletionService:
 
     async def complete(
         self, plan: CompletionPlan, is_disconnected: IsDisconnected | None = None
-    ) -> dict[str, Any]:
-        """The whole response body. Aborts the engine requests if the client leaves."""
+    ) -> Completion:
+        """The whole answer. Aborts the engine requests if the client leaves."""
         self.counters.add_prompt_tokens(plan.model, plan.num_prompt_tokens)
-        choices = _Choices(plan)
+        choices = Choices(plan)
         for prompt in plan.prompts:
-            if prompt.params.max_tokens == 0:
-                # Nothing to generate (scoring with echo): the engine is not involved.
-                for j in range(plan.n):
-                    choices.finish(prompt.index * plan.n + j, FinishReason.LENGTH)
+            choices.start(prompt)
         tasks = [
             asyncio.create_task(self._collect(plan, prompt, choices))
             for prompt in plan.prompts
-            if prompt.params.max_tokens > 0
+            if prompt.needs_engine
         ]
         try:
             await _wait_all(tasks, is_disconnected)
@@ -148,11 +141,18 @@ class CompletionService:
             await _cancel(tasks)
         for reason in choices.finish_reasons:
             self.counters.add_success(plan.model, reason)
-        return completion_dict(
-            plan.cmpl_id, plan.created, plan.model, choices.to_list(), choices.usage()
+        perf_metrics = _perf_metrics(plan, choices)
+        body = completion_dict(
+            plan.cmpl_id,
+            plan.created,
+            plan.model,
+            choices.to_list(),
+            choices.usage(),
+            perf_metrics if plan.options.perf_metrics else None,
         )
+        return Completion(body, perf_metrics)
 
-    async def _collect(self, plan: CompletionPlan, prompt: PromptPlan, choices: _Choices) -> None:
+    async def _collect(self, plan: CompletionPlan, prompt: PromptPlan, choices: Choices) -> None:
         async for output in _generate(plan, prompt):
             choices.add(prompt, output)
 
@@ -163,23 +163,17 @@ class CompletionService:
         disconnects) cancels every prompt's task, which aborts its engine request.
         """
         self.counters.add_prompt_tokens(plan.model, plan.num_prompt_tokens)
-        choices = _Choices(plan)
+        choices = Choices(plan)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         tasks = [
             asyncio.create_task(_pump(plan, prompt, queue))
             for prompt in plan.prompts
-            if prompt.params.max_tokens > 0
+            if prompt.needs_engine
         ]
         try:
             for prompt in plan.prompts:
-                for j in range(plan.n):
-                    index = prompt.index * plan.n + j
-                    reason = FinishReason.LENGTH if prompt.params.max_tokens == 0 else None
-                    if reason is not None:
-                        choices.finish(index, reason)
-                        self.counters.add_success(plan.model, reason.value)
-                    if prompt.echo_text or reason is not None:
-                        yield self._chunk(plan, index, prompt.echo_text, reason)
+                for choice in choices.start(prompt):
+                    yield self._chunk(plan, choice)
             num_running = len(tasks)
             while num_running:
                 item = await queue.get()
@@ -191,27 +185,47 @@ class CompletionService:
                     yield SSE_DONE
                     return
                 prompt, output = item
-                choices.add(prompt, output)
-                for delta in output.deltas:
-                    if delta.text or delta.finish_reason is not None:
-                        index = prompt.index * plan.n + delta.index
-                        reason = delta.finish_reason
-                        if reason is not None:
-                            self.counters.add_success(plan.model, reason.value)
-                        yield self._chunk(plan, index, delta.text, reason)
+                for choice in choices.add(prompt, output):
+                    yield self._chunk(plan, choice)
+            perf_metrics = _perf_metrics(plan, choices) if plan.options.perf_metrics else None
             yield sse_event(
-                completion_dict(plan.cmpl_id, plan.created, plan.model, [], choices.usage())
+                completion_dict(
+                    plan.cmpl_id, plan.created, plan.model, [], choices.usage(), perf_metrics
+                )
             )
             yield SSE_DONE
         finally:
             await _cancel(tasks)
 
-    @staticmethod
-    def _chunk(plan: CompletionPlan, index: int, text: str, reason: FinishReason | None) -> bytes:
+    def _chunk(self, plan: CompletionPlan, choice: dict[str, Any]) -> bytes:
         # One choice per chunk (as vLLM does): clients that read only choices[0]
         # still see every choice's text.
-        choice = choice_dict(index, text, None if reason is None else reason.value)
+        if choice["finish_reason"] is not None:
+            self.counters.add_success(plan.model, choice["finish_reason"])
         return sse_event(completion_dict(plan.cmpl_id, plan.created, plan.model, [choice]))
+
+
+def _echo_text(
+    engine: EngineClient, token_ids: list[int], text: str | None, num_echo_tokens: int
+) -> str:
+    if num_echo_tokens == 0:
+        return ""
+    if num_echo_tokens < len(token_ids):
+        return engine.detokenize(token_ids[-num_echo_tokens:])
+    # The whole prompt: as sent, since detokenizing need not give the same string back.
+    return text if text is not None else engine.detokenize(token_ids)
+
+
+def _perf_metrics(plan: CompletionPlan, choices: Choices) -> dict[str, Any]:
+    now = time.monotonic()
+    # Nothing generated (scoring only): the first token is as late as the end.
+    first_token_at = now if choices.first_token_at is None else choices.first_token_at
+    return perf_metrics_dict(
+        plan.num_prompt_tokens,
+        choices.num_cached_tokens,
+        first_token_at - plan.started_at,
+        now - plan.started_at,
+    )
 
 
 # --- Running
@@ -226,10 +240,15 @@ async def _generate(plan: CompletionPlan, prompt: PromptPlan) -> AsyncIterator[R
     request = EngineRequest(f"{plan.cmpl_id}-{prompt.index}", prompt.token_ids, prompt.params)
     outputs = plan.engine.generate(request)
     is_finished = False
+    is_first = True
     try:
         async for output in outputs:
             if output.error is not None:
                 raise _engine_failure(plan, output.error)
+            problem = _check_output(prompt, output, is_first)
+            if problem is not None:
+                raise _engine_failure(plan, problem)
+            is_first = False
             if any(d.finish_reason is FinishReason.ABORT for d in output.deltas):
                 # We did not abort it, so the server is shutting down.
                 raise APIError.unavailable("The server is shutting down; retry later.")
@@ -241,6 +260,20 @@ async def _generate(plan: CompletionPlan, prompt: PromptPlan) -> AsyncIterator[R
         aclose = getattr(outputs, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _check_output(prompt: PromptPlan, output: RequestOutput, is_first: bool) -> str | None:
+    """What is wrong with an engine output, as far as the response needs it."""
+    params = prompt.params
+    if is_first and prompt.is_scored:
+        num_scored = len(prompt.token_ids) - params.prompt_logprobs_start
+        if output.prompt_logprobs is None or len(output.prompt_logprobs) != num_scored:
+            return "the first output lacks the prompt's logprobs"
+    if params.logprobs is not None:
+        for delta in output.deltas:
+            if delta.logprobs is None or len(delta.logprobs) != len(delta.token_ids):
+                return "a delta's logprobs do not match its tokens"
+    return None
 
 
 # A queue item: one output of one prompt, a failure, or None when a prompt is done.
@@ -288,40 +321,3 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 def _engine_failure(plan: CompletionPlan, detail: str) -> APIError:
     logger.error("completion %s: engine failure: %s", plan.cmpl_id, detail)
     return APIError.internal("The engine failed while generating this completion.")
-
-
-class _Choices:
-    """Accumulated text, finish reasons and token counts of every choice."""
-
-    def __init__(self, plan: CompletionPlan) -> None:
-        self._n = plan.n
-        self._texts = [p.echo_text for p in plan.prompts for _ in range(plan.n)]
-        self._reasons: list[FinishReason | None] = [None] * plan.num_choices
-        self._cached = [0] * len(plan.prompts)
-        self._num_prompt_tokens = plan.num_prompt_tokens
-        self._num_generated = 0
-
-    def add(self, prompt: PromptPlan, output: RequestOutput) -> None:
-        self._cached[prompt.index] = max(self._cached[prompt.index], output.num_cached_tokens)
-        for delta in output.deltas:
-            index = prompt.index * self._n + delta.index
-            self._texts[index] += delta.text
-            self._num_generated += len(delta.token_ids)
-            if delta.finish_reason is not None:
-                self._reasons[index] = delta.finish_reason
-
-    def finish(self, index: int, reason: FinishReason) -> None:
-        self._reasons[index] = reason
-
-    @property
-    def finish_reasons(self) -> list[str]:
-        return [r.value for r in self._reasons if r is not None]
-
-    def to_list(self) -> list[dict[str, Any]]:
-        return [
-            choice_dict(i, text, None if reason is None else reason.value)
-            for i, (text, reason) in enumerate(zip(self._texts, self._reasons, strict=True))
-        ]
-
-    def usage(self) -> dict[str, Any]:
-        return usage_dict(self._num_prompt_tokens, self._num_generated, sum(self._cached))

@@ -1,0 +1,76 @@
+"""What `serving.prepare` decided: a checked request, ready to run.
+
+Plain frozen data; `serving` runs a plan and `choices` turns its engine
+outputs into response choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fireside.api.protocol import LogprobsFormat
+from fireside.engine.client import EngineClient
+from fireside.engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a request asked to see beyond the text."""
+
+    logprobs: LogprobsFormat | None = None  # None: no logprobs
+    num_top_logprobs: int = 0  # alternatives per position
+    return_token_ids: bool = False
+    raw_output: bool = False
+    perf_metrics: bool = False  # in the body; non-streamed answers always have the headers
+
+    @property
+    def is_per_token(self) -> bool:
+        """Whether a streamed chunk is worth sending for tokens that added no text yet."""
+        return self.logprobs is not None or self.return_token_ids
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    index: int
+    token_ids: tuple[int, ...]
+    text: str | None  # the prompt as the client sent it; None for token ids
+    echo_text: str  # what the choice's text starts with; "" without echo
+    params: SamplingParams  # max_tokens already fitted to the context
+
+    @property
+    def is_scored(self) -> bool:
+        """Whether the engine scores the echoed prompt tokens (echo with logprobs)."""
+        return self.params.prompt_logprobs is not None
+
+    @property
+    def needs_engine(self) -> bool:
+        # max_tokens 0 without scoring generates nothing, so the engine is not asked.
+        return self.params.max_tokens > 0 or self.is_scored
+
+    @property
+    def fragments(self) -> list[str | int]:
+        """`raw_output.prompt_fragments`: the prompt as sent, string or token ids."""
+        return [self.text] if self.text is not None else list(self.token_ids)
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    """A request that passed every check."""
+
+    cmpl_id: str
+    created: int
+    model: str
+    engine: EngineClient
+    prompts: tuple[PromptPlan, ...]
+    n: int
+    stream: bool
+    options: OutputOptions
+    started_at: float  # time.monotonic() when prepare began, for perf metrics
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
