@@ -24,7 +24,7 @@ PROMPT = "Write a long story about a lighthouse keeper named {i}. " * 18  # ~200
 async def _one(c, model, i, max_tokens, extra):
     t0 = time.perf_counter()
     first = None
-    n = 0
+    n = p = 0
     body = {
         "model": model,
         "prompt": PROMPT.format(i=i),
@@ -42,7 +42,8 @@ async def _one(c, model, i, max_tokens, extra):
                     first = time.perf_counter() - t0
                 if "usage" in ev:
                     n = ev["usage"]["completion_tokens"]
-    return first, n
+                    p = ev["usage"]["prompt_tokens"]
+    return first, n, p
 
 
 async def serve_bench(url, model, conc, max_tokens, extra):
@@ -50,8 +51,9 @@ async def serve_bench(url, model, conc, max_tokens, extra):
         t0 = time.perf_counter()
         res = await asyncio.gather(*(_one(c, model, i, max_tokens, extra) for i in range(conc)))
         wall = time.perf_counter() - t0
-    toks = sum(n for _, n in res)
-    return toks / wall, statistics.median(f for f, _ in res)
+    toks = sum(n for _, n, _ in res)
+    prompt_toks = sum(p for _, _, p in res)
+    return toks / wall, statistics.median(f for f, _, _ in res), prompt_toks / wall
 
 
 def raw_bench(conc, max_tokens, threads):
@@ -102,8 +104,11 @@ def main():
             tps, ttft = raw_bench(conc, a.max_tokens, a.threads)
             print(f"raw    concurrency {conc:3d}: {tps:7.1f} tok/s, prefill {ttft:.2f}s")
         else:
-            tps, ttft = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens, extra))
-            print(f"served concurrency {conc:3d}: {tps:7.1f} output tok/s, TTFT p50 {ttft:.2f}s")
+            tps, ttft, pps = asyncio.run(serve_bench(a.url, a.model, conc, a.max_tokens, extra))
+            print(
+                f"served concurrency {conc:3d}: {tps:7.1f} output tok/s, TTFT p50 {ttft:.2f}s, "
+                f"{pps:7.1f} prompt tok/s"
+            )
 
 
 if __name__ == "__main__":

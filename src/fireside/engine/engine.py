@@ -57,7 +57,7 @@ class Engine:
                 kv_capacity=runner.n_ctx,
                 token_budget=min(self.config.token_budget, runner.n_batch),
             ),
-            release=lambda seq: runner.seq_remove(seq.slot),
+            release=lambda seq: runner.seq_remove(seq.seq_id),
         )
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []
@@ -204,7 +204,7 @@ class Engine:
             seq, end = c.seq, c.start + c.count
             lo, hi = self._scored_positions(c)
             for pos in range(c.start, end):
-                batch.add(seq.tokens[pos], pos, seq.slot, lo <= pos < hi)
+                batch.add(seq.tokens[pos], pos, seq.seq_id, lo <= pos < hi)
             if hi > lo:
                 scored.append((c, lo, hi - lo, num_rows))
                 num_rows += hi - lo
@@ -319,7 +319,7 @@ class Engine:
         num_prompt = group.num_prompt
         others = [s for s in group.seqs[1:] if not s.is_finished]
         for s in others:
-            self.runner.seq_copy(first.slot, s.slot, 0, num_prompt)
+            self.runner.seq_copy(first.seq_id, s.seq_id, 0, num_prompt)
             s.num_computed = num_prompt
         if others:
             for s in [first, *others]:

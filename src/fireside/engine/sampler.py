@@ -29,6 +29,7 @@ from fireside.engine.types import SamplingParams
 # result is exact either way.
 _NUCLEUS_POOL = 1024
 _BLOCK = 256  # two-level inverse-CDF sampling: blocks of this many tokens
+_SCORE_BLOCK = 8  # logits rows scored at a time
 
 
 @dataclass
@@ -214,20 +215,26 @@ def logprobs_of(
 
     Returns (the target token's logprob per row [k], the ids of the num_top most
     likely tokens per row, most likely first [k, num_top], and their logprobs).
+    Rows go in small blocks: a whole prompt's worth of temporaries (hundreds of
+    MB of fresh pages for exp and argpartition) cost more than the arithmetic.
     """
-    k = rows.shape[0]
-    peak = rows.max(axis=1)
-    shifted = np.exp(rows - peak[:, None])
-    lse = peak.astype(np.float64) + np.log(shifted.sum(axis=1, dtype=np.float64))
-    arange = np.arange(k)
-    target_lp = rows[arange, np.asarray(targets, dtype=np.int64)] - lse
-    if num_top <= 0:
-        empty = np.empty((k, 0))
-        return target_lp, empty.astype(np.int64), empty
-    num_top = min(num_top, rows.shape[1])
-    top = np.argpartition(rows, -num_top, axis=1)[:, -num_top:]
-    top_values = np.take_along_axis(rows, top, axis=1)
-    order = np.argsort(-top_values, axis=1, kind="stable")
-    top = np.take_along_axis(top, order, axis=1)
-    top_lp = np.take_along_axis(top_values, order, axis=1) - lse[:, None]
+    k, vocab = rows.shape
+    num_top = max(0, min(num_top, vocab))
+    target_lp = np.empty(k)
+    top = np.empty((k, num_top), dtype=np.int64)
+    top_lp = np.empty((k, num_top))
+    target_ids = np.asarray(targets, dtype=np.int64)
+    for lo in range(0, k, _SCORE_BLOCK):
+        hi = min(lo + _SCORE_BLOCK, k)
+        block = rows[lo:hi]
+        peak = block.max(axis=1)
+        shifted = np.exp(block - peak[:, None])
+        lse = peak.astype(np.float64) + np.log(shifted.sum(axis=1, dtype=np.float64))
+        target_lp[lo:hi] = block[np.arange(hi - lo), target_ids[lo:hi]] - lse
+        if num_top:
+            ids = np.argpartition(block, -num_top, axis=1)[:, -num_top:]
+            values = np.take_along_axis(block, ids, axis=1)
+            order = np.argsort(-values, axis=1, kind="stable")
+            top[lo:hi] = np.take_along_axis(ids, order, axis=1)
+            top_lp[lo:hi] = np.take_along_axis(values, order, axis=1) - lse[:, None]
     return target_lp, top, top_lp

@@ -32,6 +32,13 @@ class Sequence:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)  # the same tokens' scores
 
     @property
+    def seq_id(self) -> int:
+        """The llama.cpp sequence id; only valid while the sequence holds a slot."""
+        if self.slot is None:
+            raise RuntimeError("sequence has no slot")
+        return self.slot
+
+    @property
     def num_prompt(self) -> int:
         return self.group.num_prompt
 

@@ -65,6 +65,9 @@ class Runner(Protocol):
     def forward(self, batch: Batch) -> np.ndarray:
         """Run the batch; return float32 logits, one row per token that asked for them.
 
+        The array may be a view of the runner's own buffer, valid until the next
+        call: read or copy what you need before calling again.
+
         Raises KVCacheFull when the cache has no room (nothing computed), and
         ValueError for a batch the context cannot take (checked before llama.cpp,
         which aborts the process on an oversized batch).

@@ -182,7 +182,9 @@ class LlamaCppRunner:
         if rows == 0:
             return np.empty((0, self.vocab_size), dtype=np.float32)
         ptr = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)).copy()
+        # A view of llama.cpp's buffer, valid until the next forward (Runner.forward):
+        # copying a scored prompt's rows would cost tens of MB per step.
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))
 
     def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq_id, start, end)
