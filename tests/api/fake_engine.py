@@ -19,6 +19,8 @@ from fireside.engine.types import (
     EngineRequest,
     EngineStats,
     FinishReason,
+    GrammarError,
+    GrammarSpec,
     RequestOutput,
     SampleDelta,
     TokenLogprob,
@@ -51,6 +53,7 @@ class FakeEngine:
         self.healthy = True
         self.fail_tokenize = False
         self.requests: list[EngineRequest] = []
+        self.grammar_specs: list[GrammarSpec] = []
         self.closed_early: list[str] = []  # request ids whose iteration was left early
         self.num_tokenize_calls = 0
         self._ids: dict[bytes, int] = {}
@@ -83,6 +86,13 @@ class FakeEngine:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes.get(token_id, f"<{token_id}>".encode())
+
+    def compile_grammar(self, spec: GrammarSpec) -> str:
+        """Echoes the spec; a source containing "bad" does not compile."""
+        self.grammar_specs.append(spec)
+        if "bad" in spec.source:
+            raise GrammarError("bad grammar")
+        return f"{spec.kind}:{spec.source}"
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         data = b"".join(self.token_bytes(i) for i in token_ids)

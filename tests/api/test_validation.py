@@ -112,7 +112,6 @@ def test_invalid_field_is_400_naming_it(client, fields, param, code):
 
 
 UNSUPPORTED: list[dict[str, Any]] = [
-    {"response_format": {"type": "json_object"}},
     {"prompt_cache_max_len": 0},
 ]
 

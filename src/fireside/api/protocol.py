@@ -30,7 +30,6 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 # vLLM's range: clients send any 64-bit seed, signed or not.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 _MAX_STOP_SEQUENCES = 4
-_RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "grammar")
 _PROMPT_SHAPES = (
     "prompt must be a string, an array of strings, an array of token ids "
     "or an array of arrays of token ids"
@@ -178,15 +177,6 @@ class CompletionRequest(BaseModel):
                 raise _invalid(f"logit_bias keys must be token ids, got {key[:20]!r}")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") not in _RESPONSE_FORMAT_TYPES:
-            raise _invalid(
-                f"response_format.type must be one of {', '.join(_RESPONSE_FORMAT_TYPES)}"
-            )
-        return value
-
     @field_validator("suffix", mode="plain")
     @classmethod
     def _check_suffix(cls, value: Any) -> None:
@@ -203,9 +193,7 @@ class CompletionRequest(BaseModel):
 
     def unsupported_field(self) -> str | None:
         """The first field asking for something the engine cannot do yet, if any."""
-        response_type = (self.response_format or {}).get("type", "text")
         asks = {
-            "response_format": response_type != "text",
             "prompt_cache_max_len": self.prompt_cache_max_len is not None,
         }
         return next((name for name, asked in asks.items() if asked), None)
@@ -250,7 +238,9 @@ class CompletionRequest(BaseModel):
         bias = {int(key): value for key, value in (self.logit_bias or {}).items()}
         return tuple(sorted(bias.items()))
 
-    def to_sampling_params(self, max_tokens: int, num_prompt_tokens: int) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, num_prompt_tokens: int, grammar: str | None = None
+    ) -> SamplingParams:
         """Engine parameters for one prompt; `max_tokens` is already fitted to the context."""
         given: dict[str, Any] = {
             "temperature": self.temperature,
@@ -281,6 +271,7 @@ class CompletionRequest(BaseModel):
             stop=self.stop_sequences,
             logit_bias=self.logit_bias_pairs,
             logprobs=num_top,
+            grammar=grammar,
             **kwargs,
         )
 

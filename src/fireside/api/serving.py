@@ -29,8 +29,9 @@ from fireside.api.prompts import (
 )
 from fireside.api.protocol import CompletionRequest
 from fireside.api.responses import SSE_DONE, completion_dict, perf_metrics_dict, sse_event
+from fireside.api.structured import grammar_spec
 from fireside.engine.client import EngineClient
-from fireside.engine.types import EngineRequest, FinishReason, RequestOutput
+from fireside.engine.types import EngineRequest, FinishReason, GrammarError, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class CompletionService:
         if not engine.is_healthy:
             raise APIError.unavailable()
         check_logit_bias(request.logit_bias_pairs, engine.vocab_size)
+        grammar = await _compile_grammar(engine, request)
 
         prompts = await tokenize_prompts(engine, request.prompt)
         requested = request.requested_max_tokens
@@ -90,7 +92,7 @@ class CompletionService:
             num_tokens = len(token_ids)
             fitted = fit_to_context(num_tokens, max_tokens, engine.context_length, truncate)
             echo_text = _echo_text(engine, token_ids, text, request.num_echo_tokens(num_tokens))
-            params = request.to_sampling_params(fitted, num_tokens)
+            params = request.to_sampling_params(fitted, num_tokens, grammar)
             plans.append(PromptPlan(index, tuple(token_ids), text, echo_text, params))
         options = OutputOptions(
             logprobs=request.logprobs_format,
@@ -203,6 +205,19 @@ class CompletionService:
         if choice["finish_reason"] is not None:
             self.counters.add_success(plan.model, choice["finish_reason"])
         return sse_event(completion_dict(plan.cmpl_id, plan.created, plan.model, [choice]))
+
+
+async def _compile_grammar(engine: EngineClient, request: CompletionRequest) -> str | None:
+    spec = grammar_spec(request.response_format)
+    if spec is None:
+        return None
+    try:
+        # Off the event loop: a large schema can take a while to compile.
+        return await asyncio.to_thread(engine.compile_grammar, spec)
+    except GrammarError as exc:
+        raise APIError.invalid(
+            f"response_format could not be compiled: {exc}", "response_format", "invalid_grammar"
+        ) from None
 
 
 def _echo_text(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from fireside.engine.types import EngineRequest, EngineStats, RequestOutput
+from fireside.engine.types import EngineRequest, EngineStats, GrammarSpec, RequestOutput
 
 
 class EngineClient(Protocol):
@@ -36,6 +36,14 @@ class EngineClient(Protocol):
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token renders to (may be part of a multi-byte character)."""
+        ...
+
+    def compile_grammar(self, spec: GrammarSpec) -> str:
+        """The grammar for `SamplingParams.grammar`, compiled and cached.
+
+        Raises `GrammarError` (a ValueError) with the reason when it does not
+        compile. May take a while for a large schema: call it off the event loop.
+        """
         ...
 
     def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fireside.engine.grammar import Grammars
 from fireside.engine.sampler import History, logprobs_of, sample_rows
 from fireside.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from fireside.engine.sequence import RequestState
@@ -24,6 +25,8 @@ from fireside.engine.types import (
     EngineRequest,
     EngineStats,
     FinishReason,
+    GrammarError,
+    GrammarSpec,
     RequestOutput,
     SampleDelta,
     TokenLogprob,
@@ -68,6 +71,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._dead = False
+        make_tokenizer = getattr(runner, "grammar_tokenizer", None)
+        self.grammars = (
+            Grammars(make_tokenizer, num_threads=getattr(runner, "n_threads", 1))
+            if make_tokenizer is not None
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -106,6 +115,11 @@ class Engine:
     def token_bytes(self, token_id: int) -> bytes:
         return self.runner.token_bytes(token_id)
 
+    def compile_grammar(self, spec: GrammarSpec) -> str:
+        if self.grammars is None:
+            raise GrammarError("this model does not support constrained output")
+        return self.grammars.compile(spec)
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
         self._submit(request, sink)
@@ -130,6 +144,9 @@ class Engine:
         s.num_waiting_requests = len(self.scheduler.waiting) + len(self._inbox)
         s.num_kv_cells_used = self.scheduler.kv_used()
         s.extra["num_preempted"] = self.scheduler.num_preempted
+        if self.grammars is not None:
+            s.extra["grammar_masks"] = self.grammars.num_masks
+            s.extra["grammar_mask_seconds"] = self.grammars.mask_seconds
         return s
 
     def _submit(self, request: EngineRequest, sink: _Sink) -> None:
@@ -171,6 +188,10 @@ class Engine:
                     s.finish_reason = FinishReason.LENGTH
                 self._emit([(state, self._output(state))])
                 continue
+            if state.params.grammar is not None:
+                assert self.grammars is not None  # compile_grammar said so
+                for s in state.seqs:
+                    s.matcher = self.grammars.matcher(state.params.grammar)
             self._states[state.request_id] = state
             self.scheduler.add(state)
 
@@ -295,6 +316,12 @@ class Engine:
             else None
             for s in seqs
         ]
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            assert self.grammars is not None
+            masked = rows[constrained]
+            self.grammars.mask(masked, [seqs[i].matcher for i in constrained])
+            rows[constrained] = masked
         sampled = sample_rows(rows, params, [s.rng for s in seqs], histories)
         if raw is not None:
             num_top = max(params[i].logprobs or 0 for i in want_lp)
@@ -333,6 +360,8 @@ class Engine:
         if self.runner.is_eog(token) and not params.ignore_eos:
             seq.finish_reason = FinishReason.STOP
         elif seq.detok.add(self.runner.token_bytes(token)):
+            seq.finish_reason = FinishReason.STOP
+        elif seq.matcher is not None and not _grammar_continues(seq.matcher, token):
             seq.finish_reason = FinishReason.STOP
         elif seq.num_output >= params.max_tokens or len(seq.tokens) >= self._context_length:
             seq.finish_reason = FinishReason.LENGTH
@@ -393,3 +422,13 @@ def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
 
 def _pairs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[tuple[int, float], ...]:
     return tuple((int(t), float(lp)) for t, lp in zip(ids, logprobs, strict=True))
+
+
+def _grammar_continues(matcher: object, token: int) -> bool:
+    """Feed the sampled token to the sequence's matcher; False once the grammar is done.
+
+    A matcher in error (it cannot happen with the mask applied, but a grammar bug
+    must not loop forever) ends the sequence too.
+    """
+    matcher.consume_token(token)  # type: ignore[attr-defined]
+    return not (matcher.is_stopped() or matcher.is_error())  # type: ignore[attr-defined]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
     new_logprobs: list[TokenLogprob] = field(default_factory=list)  # the same tokens' scores
+    matcher: Any = None  # llguidance.LLMatcher when the output is constrained
 
     @property
     def seq_id(self) -> int:

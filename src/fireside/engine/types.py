@@ -9,12 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 
 class FinishReason(StrEnum):
     STOP = "stop"  # end-of-sequence token or a stop string
     LENGTH = "length"  # max_tokens or the context ran out
     ABORT = "abort"  # the client left or the server is shutting down; never sent to a client
+
+
+class GrammarError(ValueError):
+    """A grammar or schema that cannot be compiled; the message says why."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A constraint on the output: a JSON schema (as JSON text), a GBNF or a Lark grammar."""
+
+    kind: Literal["json_schema", "gbnf", "lark"]
+    source: str
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class SamplingParams:
     logprobs: int | None = None  # alternatives per generated token; None: no logprobs
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: not scored
     prompt_logprobs_start: int = 0  # first prompt position scored (echo_last)
+    grammar: str | None = None  # compiled by EngineClient.compile_grammar; None: free text
 
     @property
     def is_greedy(self) -> bool:
