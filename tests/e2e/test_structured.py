@@ -185,9 +185,12 @@ def test_constrained_and_free_requests_in_one_batch(server_url):
             return alone, [r.json() for r in results]
 
     alone, results = asyncio.run(main())
-    # The free request is untouched by the masks of its neighbours (greedy, short).
-    assert results[-1]["choices"][0]["text"] == alone["choices"][0]["text"]
-    assert " Paris" in alone["choices"][0]["text"]
+    # The free request is untouched by its neighbours' masks: a mask on the wrong row
+    # would force "{" or a quote. (Its tail may differ: batch shape moves llama.cpp's
+    # float sums, and greedy near-ties can flip; DESIGN.md.)
+    busy = results[-1]["choices"][0]["text"]
+    assert alone["choices"][0]["text"].startswith(" Paris")
+    assert busy.startswith(" Paris")
     for r in results[:-1]:
         ch = r["choices"][0]
         assert ch["text"].startswith("{")
