@@ -5,7 +5,8 @@
 
 Prompts are ~200 tokens, 128 output tokens, ignore_eos, streaming.
 `--logprobs N` asks for N alternatives per token; `--echo` (with --logprobs)
-also scores every prompt token, as evaluation harnesses do.
+also scores every prompt token, as evaluation harnesses do; `--json` constrains
+the output to STORY_SCHEMA, long enough that generations run to max_tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ import time
 
 import httpx
 
+# At least eight paragraphs: the grammar stays open for all 128 tokens.
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "paragraphs": {"type": "array", "items": {"type": "string"}, "minItems": 8},
+    },
+    "required": ["title", "paragraphs"],
+}
 PROMPT = "Write a long story about a lighthouse keeper named {i}. " * 18  # ~200 tokens
 
 
@@ -93,12 +103,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--logprobs", type=int, default=None, help="alternatives per token")
     ap.add_argument("--echo", action="store_true", help="echo the prompt (scored with --logprobs)")
+    ap.add_argument("--json", action="store_true", help="constrain output to STORY_SCHEMA")
     a = ap.parse_args()
     extra = {}
     if a.logprobs is not None:
         extra["logprobs"] = a.logprobs
     if a.echo:
         extra["echo"] = True
+    if a.json:
+        extra["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "story", "schema": STORY_SCHEMA},
+        }
     for conc in a.concurrency:
         if a.raw:
             tps, ttft = raw_bench(conc, a.max_tokens, a.threads)

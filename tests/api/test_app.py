@@ -170,6 +170,8 @@ def test_metrics_text(client):
         "fireside:prefill_tokens_computed_total": 7,
         "fireside:generation_tokens_total": 11,
         "fireside:prompt_tokens_total": 3,
+        "fireside:grammar_masks_total": 5,
+        "fireside:grammar_mask_seconds_total": 0.5,
     }
     for name, value in expected.items():
         assert samples[(name, frozenset([model]))] == value, name

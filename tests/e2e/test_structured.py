@@ -57,7 +57,7 @@ def test_json_object_at_temperature_1_always_parses(server_url):
     choices = [ch for r in asyncio.run(main()) for ch in r.json()["choices"]]
     assert len(choices) == 50
     done = completed(choices)
-    assert len(done) >= 25  # most finish well within 48 tokens
+    assert len(done) >= 15  # measured 29 of 50 finish within 48 tokens; the rest ramble in strings
     for ch in done:
         assert isinstance(json.loads(ch["text"]), dict), ch["text"]
     for ch in choices:

@@ -59,6 +59,16 @@ class FiresideCollector(Collector):
         prompt = CounterMetricFamily(
             "fireside:prompt_tokens", "Prompt tokens submitted.", labels=[_MODEL]
         )
+        masks = CounterMetricFamily(
+            "fireside:grammar_masks",
+            "Token masks computed for constrained (response_format) sequences.",
+            labels=[_MODEL],
+        )
+        mask_seconds = CounterMetricFamily(
+            "fireside:grammar_mask_seconds",
+            "Seconds spent computing and applying those masks.",
+            labels=[_MODEL],
+        )
         successes = CounterMetricFamily(
             "fireside:request_success",
             "Choices finished, by finish reason.",
@@ -73,9 +83,21 @@ class FiresideCollector(Collector):
             prefill.add_metric([model], stats.prefill_tokens_total)
             generated.add_metric([model], stats.generated_tokens_total)
             prompt.add_metric([model], self._counters.prompt_tokens[model])
+            masks.add_metric([model], stats.grammar_masks_total)
+            mask_seconds.add_metric([model], stats.grammar_mask_seconds_total)
         for (model, reason), count in sorted(self._counters.successes.items()):
             successes.add_metric([model, reason], count)
-        yield from (running, waiting, kv_usage, prefill, generated, prompt, successes)
+        yield from (
+            running,
+            waiting,
+            kv_usage,
+            prefill,
+            generated,
+            prompt,
+            masks,
+            mask_seconds,
+            successes,
+        )
 
 
 def make_registry(

@@ -145,8 +145,8 @@ class Engine:
         s.num_kv_cells_used = self.scheduler.kv_used()
         s.extra["num_preempted"] = self.scheduler.num_preempted
         if self.grammars is not None:
-            s.extra["grammar_masks"] = self.grammars.num_masks
-            s.extra["grammar_mask_seconds"] = self.grammars.mask_seconds
+            s.grammar_masks_total = self.grammars.num_masks
+            s.grammar_mask_seconds_total = self.grammars.mask_seconds
         return s
 
     def _submit(self, request: EngineRequest, sink: _Sink) -> None:

@@ -129,4 +129,6 @@ class EngineStats:
     steps_total: int = 0
     requests_finished_total: int = 0
     requests_aborted_total: int = 0
+    grammar_masks_total: int = 0  # token masks computed for constrained sequences
+    grammar_mask_seconds_total: float = 0.0  # time spent computing and applying them
     extra: dict[str, float] = field(default_factory=dict)
