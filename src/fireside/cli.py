@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--flash-attn", action="store_true", help="use llama.cpp's flash attention kernels"
     )
     serve.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=_D.prefix_cache,
+        metavar="N",
+        help="finished sequences whose KV stays cached for prompts that share a prefix (0: off)",
+    )
+    serve.add_argument(
         "--log-level",
         default=_D.log_level,
         choices=["debug", "info", "warning", "error"],
@@ -113,6 +120,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         batch_size=args.batch_size,
         default_max_tokens=args.default_max_tokens,
         flash_attn=args.flash_attn,
+        prefix_cache=args.prefix_cache,
         log_level=args.log_level,
     )
 
@@ -146,6 +154,8 @@ def _check(config: ServeConfig) -> list[str]:
         problems.append("--threads must be 0 or more")
     if not 1 <= config.batch_size <= 8192:
         problems.append("--batch-size must be in 1..8192")
+    if not 0 <= config.prefix_cache <= 128:
+        problems.append("--prefix-cache must be in 0..128")
     if config.default_max_tokens < 0:
         problems.append("--default-max-tokens must be 0 or more")
     if not 0 <= config.port <= 65535:

@@ -18,6 +18,7 @@ class ServeConfig:
     batch_size: int = 512  # most tokens per engine step (llama.cpp n_batch)
     default_max_tokens: int = 16
     flash_attn: bool = False
+    prefix_cache: int = 32  # finished sequences whose KV is kept for reuse; 0 turns it off
     log_level: str = "info"
 
     # llama.cpp needs a sequence id per sample, and one request may ask for n=128.

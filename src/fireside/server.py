@@ -48,7 +48,8 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
             model_path=path,
             n_ctx=config.ctx_size,
             n_batch=config.batch_size,
-            n_seq_max=min(256, max(config.parallel, config.max_n)),
+            # A sequence id per running sample, plus one per cached prefix.
+            n_seq_max=min(256, max(config.parallel, config.max_n) + config.prefix_cache),
             n_threads=threads,
             flash_attn=config.flash_attn,
         ),
@@ -63,7 +64,14 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
         runner.n_ctx,
         threads,
     )
-    return Engine(runner, EngineConfig(max_running=config.parallel, token_budget=config.batch_size))
+    return Engine(
+        runner,
+        EngineConfig(
+            max_running=config.parallel,
+            token_budget=config.batch_size,
+            cache_entries=config.prefix_cache,
+        ),
+    )
 
 
 def serve(config: ServeConfig) -> int:

@@ -191,6 +191,8 @@ class FakeEngine:
             num_kv_cells_total=64,
             prefill_tokens_total=7,
             generated_tokens_total=11,
+            prefix_cache_queries_total=40,
+            prefix_cache_hits_total=30,
             grammar_masks_total=5,
             grammar_mask_seconds_total=0.5,
         )

@@ -170,6 +170,8 @@ def test_metrics_text(client):
         "fireside:prefill_tokens_computed_total": 7,
         "fireside:generation_tokens_total": 11,
         "fireside:prompt_tokens_total": 3,
+        "fireside:prefix_cache_queries_total": 40,
+        "fireside:prefix_cache_hits_total": 30,
         "fireside:grammar_masks_total": 5,
         "fireside:grammar_mask_seconds_total": 0.5,
     }

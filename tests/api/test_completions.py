@@ -239,3 +239,9 @@ def test_nothing_is_submitted_when_a_later_prompt_is_invalid(client, engine):
     response = post(client, prompt=[words(3), words(70)], max_tokens=1)
     assert_error(response, 400, "prompt", "context_length_exceeded")
     assert engine.requests == []
+
+
+def test_prompt_cache_max_len_reaches_the_engine(client, engine):
+    assert post(client, prompt="a b c", prompt_cache_max_len=5).status_code == 200
+    assert post(client, prompt="a b c").status_code == 200
+    assert [r.params.prompt_cache_max_len for r in engine.requests] == [5, None]

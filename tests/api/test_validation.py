@@ -111,21 +111,9 @@ def test_invalid_field_is_400_naming_it(client, fields, param, code):
     assert_error(response, 400, param, code)
 
 
-UNSUPPORTED: list[dict[str, Any]] = [
-    {"prompt_cache_max_len": 0},
-]
-
-
-@pytest.mark.parametrize("fields", UNSUPPORTED, ids=lambda v: repr(v)[:60])
-def test_not_yet_supported_field_is_400_unsupported(client, engine, fields):
-    response = client.post("/v1/completions", json={**BASE, **fields})
-    (name,) = fields
-    error = assert_error(response, 400, name, "unsupported")
-    assert error["message"] == f"`{name}` is not supported yet"
-    assert engine.requests == []
-
-
 SUPPORTED: list[dict[str, Any]] = [
+    {"prompt_cache_max_len": 0},
+    {"prompt_cache_max_len": 100},
     {"logprobs": 0},  # 0 still asks for the sampled token's logprob
     {"logprobs": 5},
     {"logprobs": True},

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -14,9 +15,8 @@ import pytest
 MODEL = "SmolLM2-135M-Instruct"
 
 
-@pytest.fixture(scope="session")
-def server_url():
-    cmd = [sys.executable, "-m", "fireside", "serve", "--port", "0", "--threads", "1"]
+def _start(*flags: str):
+    cmd = [sys.executable, "-m", "fireside", "serve", "--port", "0", "--threads", "1", *flags]
     env = dict(os.environ, FIRESIDE_API_KEYS="")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     url = None
@@ -33,6 +33,30 @@ def server_url():
     if url is None:
         proc.kill()
         pytest.fail("the server did not start")
+    # Keep reading its log, or a full pipe would block the server mid-request.
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    proc, url = _start()
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def cold_server_url():
+    """A server with no prefix cache, for comparisons with a reference computation.
+
+    llama.cpp's float sums depend on where a sequence's KV cells sit; with nothing
+    cached and requests sent one at a time, every request sees an empty cache,
+    as the reference does.
+    """
+    proc, url = _start("--prefix-cache", "0")
     try:
         yield url
     finally:

@@ -64,7 +64,14 @@ def reference_token_logprobs(reference, ids: list[int]) -> np.ndarray:
     return ls[np.arange(len(ids) - 1), ids[1:]]
 
 
-def test_echo_scores_match_llama_alone(client, reference):
+@pytest.fixture
+def cold(cold_server_url):
+    with httpx.Client(base_url=cold_server_url, timeout=120) as c:
+        yield c
+
+
+def test_echo_scores_match_llama_alone(cold, reference):
+    client = cold
     ids = tokenize(client, PASSAGE)
     out = post(client, prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
     choice = out["choices"][0]
@@ -134,8 +141,9 @@ def test_echo_scores_match_llama_while_others_run(server_url, reference):
     assert diff.max() < 1.0
 
 
-def test_lm_eval_loglikelihood_request(client, reference):
+def test_lm_eval_loglikelihood_request(cold, reference):
     """What lm-evaluation-harness sends for loglikelihood, and what it reads back."""
+    client = cold
     context = tokenize(client, "Question: What is the capital of France?\nAnswer:")
     continuation = tokenize(client, " Paris")
     ids = context + continuation

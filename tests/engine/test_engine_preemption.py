@@ -57,7 +57,7 @@ class FakeRunner:
 
 def test_preemption_finishes_everything_and_frees_the_cache():
     runner = FakeRunner()
-    engine = Engine(runner, EngineConfig(max_running=8, token_budget=32))
+    engine = Engine(runner, EngineConfig(max_running=8, token_budget=32, cache_entries=0))
     engine.start()
 
     async def run(i: int) -> int:

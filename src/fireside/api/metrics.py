@@ -59,6 +59,16 @@ class FiresideCollector(Collector):
         prompt = CounterMetricFamily(
             "fireside:prompt_tokens", "Prompt tokens submitted.", labels=[_MODEL]
         )
+        cache_queries = CounterMetricFamily(
+            "fireside:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            labels=[_MODEL],
+        )
+        cache_hits = CounterMetricFamily(
+            "fireside:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (not computed again).",
+            labels=[_MODEL],
+        )
         masks = CounterMetricFamily(
             "fireside:grammar_masks",
             "Token masks computed for constrained (response_format) sequences.",
@@ -83,6 +93,8 @@ class FiresideCollector(Collector):
             prefill.add_metric([model], stats.prefill_tokens_total)
             generated.add_metric([model], stats.generated_tokens_total)
             prompt.add_metric([model], self._counters.prompt_tokens[model])
+            cache_queries.add_metric([model], stats.prefix_cache_queries_total)
+            cache_hits.add_metric([model], stats.prefix_cache_hits_total)
             masks.add_metric([model], stats.grammar_masks_total)
             mask_seconds.add_metric([model], stats.grammar_mask_seconds_total)
         for (model, reason), count in sorted(self._counters.successes.items()):
@@ -94,6 +106,8 @@ class FiresideCollector(Collector):
             prefill,
             generated,
             prompt,
+            cache_queries,
+            cache_hits,
             masks,
             mask_seconds,
             successes,

@@ -2,9 +2,7 @@
 one conversion from a request to engine `SamplingParams`.
 
 Request fields are in the order of `API.md`; the OpenAI fields that are only
-tolerated come last, in their own block. Fields the engine cannot honour yet
-are still validated here, so a client learns about a bad range before it learns
-that the feature is missing (`CompletionRequest.unsupported_field`).
+tolerated come last, in their own block.
 """
 
 from __future__ import annotations
@@ -191,13 +189,6 @@ class CompletionRequest(BaseModel):
             raise PydanticCustomError("unsupported", "`best_of` is only supported as 1 or null")
         return None if value is None else 1
 
-    def unsupported_field(self) -> str | None:
-        """The first field asking for something the engine cannot do yet, if any."""
-        asks = {
-            "prompt_cache_max_len": self.prompt_cache_max_len is not None,
-        }
-        return next((name for name, asked in asks.items() if asked), None)
-
     @property
     def logprobs_format(self) -> LogprobsFormat | None:
         # logprobs 0 still asks for the sampled token's logprob; only false and null are off.
@@ -257,6 +248,7 @@ class CompletionRequest(BaseModel):
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
             "repetition_penalty": self.repetition_penalty,
+            "prompt_cache_max_len": self.prompt_cache_max_len,
         }
         # None means "not given": SamplingParams is the one place the defaults live.
         kwargs = {name: value for name, value in given.items() if value is not None}

@@ -72,9 +72,6 @@ class CompletionService:
         engine = self.engines.get(request.model)
         if engine is None:
             raise APIError.model_not_found(request.model)
-        field = request.unsupported_field()
-        if field is not None:
-            raise APIError.unsupported(field)
         if request.images:
             raise APIError.invalid("model does not accept images", "images")
         if not engine.is_healthy:

@@ -31,7 +31,7 @@ from fireside.engine.types import (
     SampleDelta,
     TokenLogprob,
 )
-from fireside.runner.base import Batch, Runner
+from fireside.runner.base import Batch, KVCacheFull, Runner
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_running: int = 16  # sequences decoding at once; `--parallel`
     token_budget: int = 512  # tokens per step, at most the runner's n_batch
+    cache_entries: int = 32  # finished sequences kept in the prefix cache; 0 turns it off
 
 
 @dataclass
@@ -59,8 +60,10 @@ class Engine:
                 max_running=min(self.config.max_running, runner.n_seq_max),
                 kv_capacity=runner.n_ctx,
                 token_budget=min(self.config.token_budget, runner.n_batch),
+                cache_entries=self.config.cache_entries,
             ),
-            release=lambda seq: runner.seq_remove(seq.seq_id),
+            release=runner.seq_remove,
+            copy=lambda src, dst, length: runner.seq_copy(src, dst, 0, length),
         )
         self._cv = threading.Condition()
         self._inbox: list[RequestState] = []
@@ -144,6 +147,8 @@ class Engine:
         s.num_waiting_requests = len(self.scheduler.waiting) + len(self._inbox)
         s.num_kv_cells_used = self.scheduler.kv_used()
         s.extra["num_preempted"] = self.scheduler.num_preempted
+        s.prefix_cache_queries_total = self.scheduler.queried_tokens
+        s.prefix_cache_hits_total = self.scheduler.hit_tokens
         if self.grammars is not None:
             s.grammar_masks_total = self.grammars.num_masks
             s.grammar_mask_seconds_total = self.grammars.mask_seconds
@@ -233,11 +238,18 @@ class Engine:
                 batch.want_logits[-1] = True
                 to_sample.append((c, num_rows))
                 num_rows += 1
-        logits = self.runner.forward(batch)
+        try:
+            logits = self.runner.forward(batch)
+        except KVCacheFull:
+            # Our count said it fits; llama.cpp's placement disagreed. Nothing was
+            # computed: make room and run the step again.
+            log.warning("llama.cpp found no KV room for a %d-token batch", len(batch))
+            self.scheduler.relieve()
+            return
         self._stats.steps_total += 1
 
         for c in chunks:
-            c.seq.num_computed += c.count
+            self.scheduler.computed(c)
             self._stats.prefill_tokens_total += max(
                 0, min(c.start + c.count, c.seq.num_prompt) - c.start
             )
@@ -259,7 +271,8 @@ class Engine:
         for c, row in to_sample:
             group = c.seq.group
             if not group.forked:
-                self._fork(group)
+                # Prefill once, decode n ways: the other samples share the prompt's cells.
+                self.scheduler.share_prompt(group)
                 for s in group.seqs:
                     if not s.is_finished:
                         seqs.append(s)
@@ -339,19 +352,6 @@ class Engine:
                 )
         for seq, token in zip(seqs, sampled.tokens, strict=True):
             self._append(seq, token)
-
-    def _fork(self, group: RequestState) -> None:
-        """Share the computed prompt with every sample: prefill once, decode n ways."""
-        first = group.seqs[0]
-        num_prompt = group.num_prompt
-        others = [s for s in group.seqs[1:] if not s.is_finished]
-        for s in others:
-            self.runner.seq_copy(first.seq_id, s.seq_id, 0, num_prompt)
-            s.num_computed = num_prompt
-        if others:
-            for s in [first, *others]:
-                s.num_shared = num_prompt
-        group.forked = True
 
     def _append(self, seq: Seq, token: int) -> None:
         seq.tokens.append(token)

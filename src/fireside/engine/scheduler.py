@@ -1,11 +1,18 @@
-"""Which tokens run in the next step.
+"""Which tokens run in the next step, and where every sequence's KV comes from.
 
 Each step is one batch under a token budget: one token for every running
 sequence that is decoding, then prompt chunks for sequences still being
-computed (chunked prefill), then newly admitted requests while sequence slots
-and KV cells allow. KV cells are counted here, so llama.cpp never runs out:
-when decoding would overflow the cache, the newest sequence is preempted (its
-cells dropped, its tokens recomputed later) instead of failing anyone.
+computed (chunked prefill, oldest first), then newly admitted requests while
+sequence slots and KV cells allow.
+
+Admission looks for the longest computed prefix of the prompt anywhere in the
+KV cache: in the prefix cache (finished sequences' KV, kept under their own
+ids) or in a running sequence (so requests that arrive together with a shared
+prefix compute it once). A hit is forked with `seq_cp`, which in a unified
+cache shares cells instead of copying them. KV cells are counted exactly in
+`kv.KVLedger`, so llama.cpp never runs out: when room is short, cached
+entries go first (least recently used), then the newest sequence is preempted
+(its cells dropped, its tokens recomputed later) instead of failing anyone.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fireside.engine.kv import CacheEntry, KVLedger, PrefixCache, common_prefix
 from fireside.engine.sequence import RequestState, Sequence
 
 
@@ -26,6 +34,8 @@ class SchedulerConfig:
     # Most prompt positions scored (logits kept) in one step: bounds llama.cpp's
     # logits buffer, which grows to the largest batch of outputs it has seen.
     max_scored_rows: int = 256
+    cache_entries: int = 32  # finished sequences kept for their prefixes; 0: no prefix cache
+    min_cache_hit: int = 16  # shorter shared prefixes are computed again
 
 
 @dataclass
@@ -40,15 +50,37 @@ class Chunk:
         return self.start + self.count == len(self.seq.tokens)
 
 
+@dataclass
+class _Hit:
+    src: int  # sequence id holding the prefix
+    length: int
+    entry: CacheEntry | None  # when the prefix comes from the prefix cache
+
+
+# Room each running sequence should have to decode for a while after an admission.
+_HEADROOM_PER_SEQ = 16
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, release: Callable[[Sequence], None]) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        release: Callable[[int], None],
+        copy: Callable[[int, int, int], None],
+    ) -> None:
         self.config = config
-        self._release = release  # drops a sequence's KV cells in the runner
+        self._release = release  # drops a sequence id's cells in the runner
+        self._copy = copy  # (src, dst, length): dst shares src's first cells
         self._free_slots = list(range(config.num_slots - 1, -1, -1))
         # Waiting work, oldest first: new requests and preempted sequences.
         self.waiting: deque[RequestState | Sequence] = deque()
         self.running: list[Sequence] = []  # sequences holding a slot
+        self.ledger = KVLedger()
+        self.cache = PrefixCache(config.cache_entries)
         self.num_preempted = 0
+        self.queried_tokens = 0  # prompt tokens of admitted requests
+        self.hit_tokens = 0  # of those, found already computed
+        self._pending = 0  # cells this step's chunks will fill
 
     # -- bookkeeping -------------------------------------------------------
 
@@ -59,23 +91,30 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def kv_used(self) -> int:
-        shared: dict[int, int] = {}
-        used = 0
-        for s in self.running:
-            used += s.owned_cells
-            if s.num_shared:
-                shared[id(s.group)] = s.num_shared
-        return used + sum(shared.values())
+        return self.ledger.used
 
-    def free(self, seq: Sequence) -> None:
-        """Give back a finished or aborted sequence's slot and cells."""
+    def computed(self, chunk: Chunk) -> None:
+        """The chunk ran: its cells are in the cache now."""
+        chunk.seq.num_computed += chunk.count
+        self.ledger.grow(chunk.seq.seq_id, chunk.count)
+
+    def share_prompt(self, group: RequestState) -> None:
+        """After sample 0 computed the prompt, every other sample shares its cells."""
+        first = group.seqs[0]
+        for s in group.seqs[1:]:
+            if not s.is_finished and s.slot is not None:
+                self._fork(first.seq_id, s, group.num_prompt)
+        group.forked = True
+
+    def free(self, seq: Sequence, keep: bool = True) -> None:
+        """Give back a finished or aborted sequence's slot; its KV may stay cached."""
         if seq.slot is not None:
-            self._release(seq)
-            self._free_slots.append(seq.slot)
+            slot = seq.slot
             seq.slot = None
             self.running.remove(seq)
+            if not (keep and self._cache_kv(seq, slot)):
+                self._drop(slot)
         seq.num_computed = 0
-        seq.num_shared = 0
 
     def remove_request(self, state: RequestState) -> None:
         """Forget a request entirely (finished or aborted)."""
@@ -87,16 +126,71 @@ class Scheduler:
             if s in self.waiting:
                 self.waiting.remove(s)
 
+    def clear_cache(self) -> None:
+        """Drop every cached prefix."""
+        while self._evict_one():
+            pass
+
+    def relieve(self) -> None:
+        """llama.cpp found no room for a batch after all: make some, then retry."""
+        if not self._evict_one():
+            active = [s for s in self.running if self._is_active(s)]
+            if active:
+                self._preempt(self._newest(active))
+
+    def _drop(self, slot: int) -> None:
+        self._release(slot)
+        self.ledger.drop(slot)
+        self._free_slots.append(slot)
+
+    def _cache_kv(self, seq: Sequence, slot: int) -> bool:
+        """Keep a finished sequence's KV in the prefix cache; False if not worth it."""
+        cache = self.cache
+        length = self.ledger.end(slot)
+        if not cache.max_entries or length < self.config.min_cache_hit:
+            return False
+        tokens = tuple(seq.tokens[:length])
+        # The other samples of an n > 1 request share this prompt: one entry is enough.
+        if cache.covers(tokens[: min(length, seq.num_prompt)]):
+            return False
+        for entry in cache.add(slot, tokens):
+            self._drop(entry.slot)
+        while len(cache.entries) > cache.max_entries:
+            lru = cache.pop_lru()
+            assert lru is not None
+            self._drop(lru.slot)
+        return True
+
+    def _evict_one(self, keep: int | None = None) -> bool:
+        """Drop the least recently used cache entry (not `keep`); False if none."""
+        for entry in sorted(self.cache.entries, key=lambda e: e.last_used):
+            if entry.slot != keep:
+                self.cache.entries.remove(entry)
+                self._drop(entry.slot)
+                return True
+        return False
+
+    def _fork(self, src: int, dst: Sequence, length: int) -> None:
+        self._copy(src, dst.seq_id, length)
+        self.ledger.fork(src, dst.seq_id, length)
+        dst.num_computed = length
+
     # -- the schedule ------------------------------------------------------
+
+    def _free_cells(self) -> int:
+        return self.config.kv_capacity - self.ledger.used - self._pending
 
     def schedule(self) -> list[Chunk]:
         budget = self.config.token_budget
         chunks: list[Chunk] = []
+        self._pending = 0
         decoding = [s for s in self.running if s.num_pending == 1 and self._is_active(s)]
         prefilling = [s for s in self.running if s.num_pending > 1 and self._is_active(s)]
 
         # Decode first: every running stream advances each step.
-        while decoding and len(decoding) > self._room(budget):
+        while decoding and len(decoding) > min(budget, self._free_cells()):
+            if len(decoding) > self._free_cells() and self._evict_one():
+                continue
             victim = self._newest(decoding + prefilling)
             self._preempt(victim)
             if victim in decoding:
@@ -106,34 +200,32 @@ class Scheduler:
         for s in decoding[:budget]:
             chunks.append(Chunk(s, s.num_computed, 1))
         budget -= len(chunks)
-
-        # Cells left once this step's decode tokens are placed; counted down from here
-        # instead of re-walking the running list for every chunk.
-        free_cells = self.config.kv_capacity - self.kv_used() - len(chunks)
+        self._pending = len(chunks)
 
         # Then prompt chunks, oldest first; then admit waiting work while it fits.
         scored_rows = self.config.max_scored_rows
 
         def take(s: Sequence) -> None:
-            nonlocal budget, free_cells, scored_rows
-            n = min(s.num_pending, budget, free_cells)
+            nonlocal budget, scored_rows
+            n = min(s.num_pending, budget, self._free_cells())
             if s.group.scores_prompt:
                 n = min(n, scored_rows)
                 scored_rows -= max(n, 0)
             if n > 0:
                 chunks.append(Chunk(s, s.num_computed, n))
                 budget -= n
-                free_cells -= n
+                self._pending += n
 
         prefilling.sort(key=lambda s: (s.group.arrival, s.index))
         for s in prefilling:
             take(s)
-        while self.waiting and budget > 0 and free_cells > 0:
+        while self.waiting and budget > 0:
             item = self.waiting[0]
-            if not self._can_admit(item, free_cells):
+            hit = self._lookup(item)
+            if not self._make_room(item, hit):
                 break
             self.waiting.popleft()
-            for s in self._admit(item):
+            for s in self._admit(item, hit):
                 take(s)
         return chunks
 
@@ -142,33 +234,55 @@ class Scheduler:
         # Before the fork only sample 0 computes the prompt; the others wait for it.
         return not s.is_finished and (s.group.forked or s.index == 0)
 
-    def _room(self, budget: int) -> int:
-        return min(budget, self.config.kv_capacity - self.kv_used())
-
     def _newest(self, seqs: list[Sequence]) -> Sequence:
         return max(seqs, key=lambda s: (s.group.arrival, s.index))
 
-    def _needs(self, item: RequestState | Sequence) -> tuple[int, int]:
-        """(slots, prompt cells) an item needs to start."""
+    def _lookup(self, item: RequestState | Sequence) -> _Hit | None:
+        """The longest computed prefix of the item's tokens held anywhere, if worth forking."""
+        seq = item if isinstance(item, Sequence) else item.seqs[0]
+        params = seq.group.params
+        if params.prompt_logprobs is not None and not seq.group.forked:
+            return None  # scoring needs the logits of every prompt position
+        limit = len(seq.tokens) - 1  # compute at least one token: its logits pick the next
+        if params.prompt_cache_max_len is not None:
+            limit = min(limit, params.prompt_cache_max_len)
+        if limit < self.config.min_cache_hit:
+            return None
+        entry, best = self.cache.lookup(seq.tokens, limit)
+        src = entry.slot if entry is not None else -1
+        for s in self.running:
+            n = common_prefix(s.tokens, seq.tokens, min(s.num_computed, limit))
+            if n > best:
+                src, best, entry = s.seq_id, n, None
+        if best < self.config.min_cache_hit:
+            return None
+        return _Hit(src, best, entry)
+
+    def _make_room(self, item: RequestState | Sequence, hit: _Hit | None) -> bool:
+        """Whether the item can start now, evicting cached prefixes if that is what it takes."""
         if isinstance(item, RequestState):
-            return len([s for s in item.seqs if not s.is_finished]), item.num_prompt
-        return 1, len(item.tokens)
-
-    def _can_admit(self, item: RequestState | Sequence, free_cells: int) -> bool:
-        slots, cells = self._needs(item)
-        if slots > len(self._free_slots):
-            return False
+            slots = len([s for s in item.seqs if not s.is_finished])
+            cells = item.num_prompt
+        else:
+            slots, cells = 1, len(item.tokens)
+        cells -= hit.length if hit is not None else 0
+        keep = hit.src if hit is not None else None
         num_running = len(self.running)
-        if num_running == 0:
-            return True
-        if num_running + slots > self.config.max_running:
+        if num_running and num_running + slots > self.config.max_running:
             return False
-        # Leave room for every running sequence to decode a while after admission.
-        headroom = (num_running + slots) * 16
-        return cells + headroom <= free_cells
+        while slots > len(self._free_slots):
+            if not self._evict_one(keep):
+                return False
+        if num_running == 0:
+            return True  # alone, it gets whatever there is (and preempts itself if it must)
+        headroom = (num_running + slots) * _HEADROOM_PER_SEQ
+        while cells + headroom > self._free_cells():
+            if not self._evict_one(keep):
+                return False
+        return True
 
-    def _admit(self, item: RequestState | Sequence) -> list[Sequence]:
-        """Give the item its slots; return the sequences that compute now."""
+    def _admit(self, item: RequestState | Sequence, hit: _Hit | None) -> list[Sequence]:
+        """Give the item its slots and any cached prefix; return the sequences that compute now."""
         if isinstance(item, Sequence):
             seqs = [item]
         else:
@@ -176,8 +290,19 @@ class Scheduler:
         for s in seqs:
             s.slot = self._free_slots.pop()
             s.num_computed = 0
-            s.num_shared = 0
             self.running.append(s)
+        hit_length = 0
+        if hit is not None:
+            self._fork(hit.src, seqs[0], hit.length)
+            if hit.entry is not None:
+                self.cache.touch(hit.entry, hit.length)
+            hit_length = hit.length
+        if isinstance(item, RequestState) and not item.admitted:
+            # Counted once per request: a recompute after preemption is not a new query.
+            item.admitted = True
+            item.num_cached = hit_length
+            self.queried_tokens += item.num_prompt
+            self.hit_tokens += hit_length
         return [s for s in seqs if self._is_active(s)]
 
     def _preempt(self, seq: Sequence) -> None:
@@ -187,8 +312,8 @@ class Scheduler:
         if not group.forked:
             # The prompt was not shared yet: the whole request starts over.
             for s in group.seqs:
-                self.free(s)
+                self.free(s, keep=False)
             self.waiting.appendleft(group)
             return
-        self.free(seq)
+        self.free(seq, keep=False)
         self.waiting.appendleft(seq)

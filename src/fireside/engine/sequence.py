@@ -27,7 +27,6 @@ class Sequence:
     detok: Detokenizer
     slot: int | None = None  # llama.cpp sequence id while it holds KV cells
     num_computed: int = 0
-    num_shared: int = 0  # leading cells shared with the request's other samples
     finish_reason: FinishReason | None = None
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
     new_logprobs: list[TokenLogprob] = field(default_factory=list)  # the same tokens' scores
@@ -57,10 +56,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
-    @property
-    def owned_cells(self) -> int:
-        return self.num_computed - self.num_shared
-
 
 @dataclass(eq=False)
 class RequestState:
@@ -71,7 +66,8 @@ class RequestState:
     arrival: int  # admission order
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # the prompt has been computed and shared with every sample
-    num_cached: int = 0
+    num_cached: int = 0  # prompt tokens found already computed (prefix cache) at admission
+    admitted: bool = False
     # Scores of prompt tokens (index = position; None at 0 and where not scored),
     # filled while the prompt is computed when the request asked for them.
     prompt_scores: list[TokenLogprob | None] | None = None

@@ -53,6 +53,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # alternatives per prompt token; None: not scored
     prompt_logprobs_start: int = 0  # first prompt position scored (echo_last)
     grammar: str | None = None  # compiled by EngineClient.compile_grammar; None: free text
+    prompt_cache_max_len: int | None = None  # longest cached prefix to reuse; 0: none
 
     @property
     def is_greedy(self) -> bool:
@@ -129,6 +130,8 @@ class EngineStats:
     steps_total: int = 0
     requests_finished_total: int = 0
     requests_aborted_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, found already computed
     grammar_masks_total: int = 0  # token masks computed for constrained sequences
     grammar_mask_seconds_total: float = 0.0  # time spent computing and applying them
     extra: dict[str, float] = field(default_factory=dict)

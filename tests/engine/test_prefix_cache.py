@@ -1,0 +1,231 @@
+"""The prefix cache and the KV ledger on a fake runner that behaves like llama.cpp's
+unified cache: cells tagged with sequence ids, shared by seq_cp, freed when their
+last id goes. The next token depends on every (position, token) the sequence can
+see, so a fork of the wrong length or from the wrong sequence changes the output.
+Unit tests of the bookkeeping, not evidence about a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import numpy as np
+import pytest
+
+from fireside.engine.engine import Engine, EngineConfig
+from fireside.engine.kv import KVLedger, common_prefix
+from fireside.engine.types import EngineRequest, SamplingParams
+from fireside.runner.base import Batch, KVCacheFull
+
+
+class CellRunner:
+    vocab_size = 64
+    n_ctx_train = 4096
+    n_batch = 64
+    n_seq_max = 64
+    add_bos = False
+
+    def __init__(self, n_ctx: int = 512) -> None:
+        self.n_ctx = n_ctx
+        self.cells: list[tuple[int, int, set[int]] | None] = [None] * n_ctx  # pos, token, seqs
+        self.ledger: KVLedger | None = None  # checked against our cells before every batch
+
+    @property
+    def used(self) -> int:
+        return sum(1 for c in self.cells if c is not None)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [3 + ord(c) % 60 for c in text]
+
+    def token_bytes(self, token: int) -> bytes:
+        return b"x"
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def detokenize(self, token_ids) -> str:
+        return "x" * len(token_ids)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        if self.ledger is not None:
+            assert self.ledger.used == self.used, "ledger and cache disagree"
+        free = [i for i, c in enumerate(self.cells) if c is None]
+        if len(free) < len(batch):
+            raise KVCacheFull()
+        rows = []
+        for i, (tok, pos, seq, want) in enumerate(
+            zip(batch.tokens, batch.positions, batch.seq_ids, batch.want_logits, strict=True)
+        ):
+            self.cells[free[i]] = (pos, tok, {seq})
+            if want:
+                seen = sorted(
+                    (p, t)
+                    for c in self.cells
+                    if c and seq in c[2] and c[0] <= pos
+                    for p, t in [(c[0], c[1])]
+                )
+                assert [p for p, _ in seen] == list(range(pos + 1)), "a hole or a duplicate"
+                digest = hashlib.sha256(repr(seen).encode()).digest()
+                row = np.zeros(self.vocab_size, dtype=np.float32)
+                row[3 + digest[0] % 60] = 10.0
+                rows.append(row)
+        return np.array(rows, dtype=np.float32).reshape(len(rows), self.vocab_size)
+
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        for i, c in enumerate(self.cells):
+            if c is not None and seq_id in c[2]:
+                c[2].discard(seq_id)
+                if not c[2]:
+                    self.cells[i] = None
+
+    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
+        for c in self.cells:
+            if c is not None and src in c[2] and start <= c[0] < end:
+                c[2].add(dst)
+
+
+def make_engine(n_ctx: int = 512, cache_entries: int = 8, **kwargs) -> tuple[Engine, CellRunner]:
+    runner = CellRunner(n_ctx)
+    engine = Engine(
+        runner,
+        EngineConfig(max_running=8, token_budget=64, cache_entries=cache_entries, **kwargs),
+    )
+    runner.ledger = engine.scheduler.ledger
+    engine.start()
+    return engine, runner
+
+
+def run(engine: Engine, prompts: list[list[int]], concurrent: bool = True, **params) -> list:
+    """(token ids, cached tokens) per prompt."""
+
+    async def one(i: int, prompt: list[int]):
+        sp = SamplingParams(**{"max_tokens": 8, "temperature": 0, **params})
+        tokens, cached = [], 0
+        async for out in engine.generate(EngineRequest(f"r{i}-{id(prompt)}", tuple(prompt), sp)):
+            assert out.error is None
+            cached = max(cached, out.num_cached_tokens)
+            tokens += [t for d in out.deltas for t in d.token_ids]
+        return tokens, cached
+
+    async def main():
+        if concurrent:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        return [await one(i, p) for i, p in enumerate(prompts)]
+
+    return asyncio.run(main())
+
+
+PREFIX = list(range(3, 63)) * 2  # 120 tokens
+
+
+def reference(prompts: list[list[int]], **params) -> list[list[int]]:
+    engine, _ = make_engine(cache_entries=0)
+    try:
+        return [tokens for tokens, _ in run(engine, prompts, concurrent=False, **params)]
+    finally:
+        engine.shutdown()
+
+
+def test_a_repeated_prompt_hits_the_cache_and_gives_the_same_output():
+    engine, runner = make_engine()
+    try:
+        ((first, c1),) = run(engine, [PREFIX])
+        ((second, c2),) = run(engine, [PREFIX])
+    finally:
+        engine.shutdown()
+    assert c1 == 0 and c2 == len(PREFIX) - 1  # one prompt token is always computed
+    assert first == second == reference([PREFIX])[0]
+
+
+def test_shared_prefixes_then_divergent_tails_match_a_cold_engine():
+    prompts = [PREFIX + [5, 6, 7], PREFIX + [9] * 10, PREFIX[:70] + [4] * 30, PREFIX]
+    engine, _ = make_engine()
+    try:
+        warm = run(engine, prompts, concurrent=False)
+    finally:
+        engine.shutdown()
+    assert [t for t, _ in warm] == reference(prompts)
+    assert [c for _, c in warm] == [0, len(PREFIX), 70, len(PREFIX) - 1]
+
+
+def test_concurrent_requests_compute_a_shared_prefix_once():
+    prompts = [PREFIX + [10 + i] * 5 for i in range(6)]
+    engine, _ = make_engine()
+    try:
+        results = run(engine, prompts)
+        prefilled = engine.stats().prefill_tokens_total
+    finally:
+        engine.shutdown()
+    assert [t for t, _ in results] == reference(prompts)
+    assert prefilled < 2 * len(PREFIX) + 6 * 5  # not 6 times the prefix
+    assert sum(c for _, c in results) >= 4 * len(PREFIX)
+
+
+def test_eviction_keeps_the_cache_bounded_and_everything_finishes():
+    prompts = [[3 + (i * 7 + j) % 60 for j in range(40 + i)] for i in range(30)]
+    engine, runner = make_engine(n_ctx=400, cache_entries=6)
+    try:
+        results = run(engine, prompts)
+        assert len(engine.scheduler.cache.entries) <= 6
+        assert engine.scheduler.kv_used() <= 400
+        engine.scheduler.clear_cache()
+        assert engine.scheduler.kv_used() == 0 and runner.used == 0
+    finally:
+        engine.shutdown()
+    assert [t for t, _ in results] == reference(prompts)
+
+
+def test_scoring_requests_bypass_hits_and_prompt_cache_max_len_caps_them():
+    engine, _ = make_engine()
+    try:
+        run(engine, [PREFIX])
+        ((_, scored),) = run(engine, [PREFIX], prompt_logprobs=0)
+        ((_, capped),) = run(engine, [PREFIX], prompt_cache_max_len=50)
+        ((_, off),) = run(engine, [PREFIX], prompt_cache_max_len=0)
+    finally:
+        engine.shutdown()
+    assert (scored, capped, off) == (0, 50, 0)
+
+
+def test_n_samples_and_the_cache_together():
+    engine, runner = make_engine()
+    try:
+        a = run(engine, [PREFIX], n=3, temperature=1.0, seed=4)
+        b = run(engine, [PREFIX], n=3, temperature=1.0, seed=4)
+        assert len(engine.scheduler.cache.entries) == 1  # samples share one entry
+        engine.scheduler.clear_cache()
+        assert runner.used == 0
+    finally:
+        engine.shutdown()
+    assert a[0][0] == b[0][0] and b[0][1] == len(PREFIX) - 1
+
+
+def test_ledger_counts_shared_prefixes_once():
+    ledger = KVLedger()
+    ledger.grow(0, 100)
+    ledger.fork(0, 1, 60)
+    ledger.grow(1, 10)
+    assert ledger.used == 110
+    assert ledger.exclusive(0) == 40 and ledger.exclusive(1) == 10
+    ledger.drop(0)
+    assert ledger.used == 70  # 60 shared cells live on in 1
+    ledger.fork(1, 2, 65)
+    ledger.drop(1)
+    assert ledger.used == 65
+    ledger.drop(2)
+    assert ledger.used == 0
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "limit", "want"),
+    [
+        ([1, 2, 3], [1, 2, 4], 9, 2),
+        ([1, 2], [1, 2, 3], 9, 2),
+        ((5,), [6], 9, 0),
+        (list(range(1000)), list(range(999)) + [0], 2000, 999),
+        ([1, 2, 3], [1, 2, 3], 2, 2),
+    ],
+)
+def test_common_prefix(a, b, limit, want):
+    assert common_prefix(a, b, limit) == want
