@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--flash-attn", action="store_true", help="use llama.cpp's flash attention kernels"
     )
     serve.add_argument(
+        "--weights",
+        default=_D.weights,
+        choices=["auto", "original", "q8_0", "q4_0"],
+        help="auto: convert Q4_1 weights to Q8_0 once (nearly lossless, faster on CPU)",
+    )
+    serve.add_argument(
+        "--cache-dir",
+        default=_D.cache_dir,
+        metavar="DIR",
+        help="where converted weights are kept (default $FIRESIDE_CACHE_DIR or ~/.cache/fireside)",
+    )
+    serve.add_argument(
         "--prefix-cache",
         type=int,
         default=_D.prefix_cache,
@@ -120,6 +132,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         batch_size=args.batch_size,
         default_max_tokens=args.default_max_tokens,
         flash_attn=args.flash_attn,
+        weights=args.weights,
+        cache_dir=args.cache_dir,
         prefix_cache=args.prefix_cache,
         log_level=args.log_level,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -12,6 +13,7 @@ from fireside.api import CompletionService, ModelInfo, create_app
 from fireside.cli import resolve_model
 from fireside.config import ServeConfig
 from fireside.engine.engine import Engine, EngineConfig
+from fireside.runner import weights
 from fireside.runner.llamacpp import LlamaCppConfig, LlamaCppRunner, available_cores
 
 log = logging.getLogger("fireside")
@@ -40,8 +42,22 @@ class _Progress:
             print(f"fireside: loading {self.name}: {percent}%", file=sys.stderr, flush=True)
 
 
+def _say(text: str) -> None:
+    print(f"fireside: {text}", file=sys.stderr, flush=True)
+
+
+def weights_path(config: ServeConfig, path: str) -> str:
+    """The file to load: the model itself, or its conversion to a fast format."""
+    target = weights.choose(path, config.weights)
+    if target is None:
+        return path
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    return weights.convert(path, target, cache_dir, config.threads, say=_say)
+
+
 def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
     threads = config.threads or available_cores()
+    path = weights_path(config, path)
     started = time.perf_counter()
     runner = LlamaCppRunner(
         LlamaCppConfig(

@@ -15,6 +15,18 @@ import pytest
 MODEL = "SmolLM2-135M-Instruct"
 
 
+def served_weights() -> str:
+    """The GGUF file the test servers compute with (the default: Q4_1 converted to Q8_0).
+
+    References must run on the same weights; the conversion is cached, so this is
+    the very file the server loaded.
+    """
+    from fireside.models import default_model_path
+    from fireside.runner import weights
+
+    return weights.convert(str(default_model_path()), "q8_0", say=lambda _: None)
+
+
 def _start(*flags: str):
     cmd = [sys.executable, "-m", "fireside", "serve", "--port", "0", "--threads", "1", *flags]
     env = dict(os.environ, FIRESIDE_API_KEYS="")

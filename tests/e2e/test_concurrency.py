@@ -8,8 +8,7 @@ import time
 
 import httpx
 
-from fireside.models import default_model_path
-from tests.e2e.conftest import MODEL
+from tests.e2e.conftest import MODEL, served_weights
 
 
 def _running(client) -> float:
@@ -105,7 +104,7 @@ def test_greedy_matches_llama_cpp_python(cold_server_url):
 
     prompt = "The three primary colours are"
     ref = Llama(
-        model_path=str(default_model_path()),
+        model_path=served_weights(),
         n_ctx=512,
         n_threads=1,
         verbose=False,

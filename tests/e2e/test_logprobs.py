@@ -13,8 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fireside.models import default_model_path
-from tests.e2e.conftest import MODEL
+from tests.e2e.conftest import MODEL, served_weights
 
 PASSAGE = (
     "The lighthouse stood at the edge of the cliff, its lamp turning slowly through "
@@ -29,7 +28,7 @@ def reference():
     from llama_cpp import Llama
 
     llm = Llama(
-        model_path=str(default_model_path()),
+        model_path=served_weights(),
         n_ctx=1024,
         n_threads=1,
         logits_all=True,

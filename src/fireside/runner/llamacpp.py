@@ -45,7 +45,8 @@ _GGML_LOG_LEVEL_ERROR = 3
 _backend_ready = False
 
 
-def _init_backend(verbose: bool) -> None:
+def init_backend(verbose: bool = False) -> None:
+    """Start llama.cpp once per process (quiet unless verbose)."""
     global _backend_ready
     if _backend_ready:
         return
@@ -70,7 +71,7 @@ class LlamaCppRunner:
     def __init__(
         self, config: LlamaCppConfig, progress: Callable[[float], None] | None = None
     ) -> None:
-        _init_backend(config.verbose)
+        init_backend(config.verbose)
         self.config = config
 
         mparams = llama_cpp.llama_model_default_params()
