@@ -64,7 +64,53 @@ WORKLOADS = {
             concurrency=8, requests=8, shared_prefix_tokens=200, prompt_tokens=0, output_tokens=128
         ),
     ),
+    "W5": (
+        "engine efficiency: 16 x (200 in, 128 out) served, against raw llama_decode",
+        Workload(concurrency=16, requests=16, prompt_tokens=200, output_tokens=128),
+    ),
 }
+
+
+def raw_decode(model: str, threads: int, w: Workload) -> dict:
+    """The same batch shapes as the served W5, straight through llama_decode.
+
+    Prompts go in 512-token batches (as the engine's token budget packs them),
+    then one decode token per sequence per step; total tokens over wall time.
+    """
+    import numpy as np
+
+    from fireside.runner import weights
+    from fireside.runner.base import Batch
+    from fireside.runner.llamacpp import LlamaCppConfig, LlamaCppRunner
+
+    target = weights.choose(model, "auto")
+    path = weights.convert(model, target, say=lambda _: None) if target else model
+    runner = LlamaCppRunner(
+        LlamaCppConfig(
+            path, n_ctx=8192, n_batch=512, n_seq_max=w.requests, n_threads=threads, flash_attn=True
+        )
+    )
+    prompts = [runner.tokenize(p) for p in w.prompts()]
+    pending = [(s, pos, t) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+    started = time.perf_counter()
+    last = [0] * len(prompts)
+    for i in range(0, len(pending), 512):
+        batch = Batch()
+        for s, pos, t in pending[i : i + 512]:
+            batch.add(t, pos, s, pos == len(prompts[s]) - 1)
+        rows = runner.forward(batch)
+        ends = [s for s, pos, _ in pending[i : i + 512] if pos == len(prompts[s]) - 1]
+        for r, s in enumerate(ends):
+            last[s] = int(np.argmax(rows[r]))
+    for step in range(w.output_tokens - 1):
+        batch = Batch()
+        for s, p in enumerate(prompts):
+            batch.add(last[s], len(p) + step, s, True)
+        last = [int(x) for x in np.argmax(runner.forward(batch), axis=1)]
+    wall = time.perf_counter() - started
+    runner.close()
+    tokens = sum(len(p) for p in prompts) + len(prompts) * w.output_tokens
+    return {"wall_s": round(wall, 2), "total_tok_s": round(tokens / wall, 1)}
 
 
 def llama_server_binary() -> str:
@@ -184,15 +230,26 @@ def main() -> int:
         title, w = WORKLOADS[key]
         w = replace(w, requests=max(1, round(w.requests * a.requests_scale)))
         print(f"\n== {key}: {title}", flush=True)
-        for kind in a.kinds:
+        kinds = ["raw", "fireside"] if key == "W5" else a.kinds
+        for kind in kinds:
             if key == "W4" and kind == "llama-server":
                 continue  # llama-server's completions take no n; W4b is its comparison
             try:
-                summary = measure(kind, model, a.threads, w)
+                if kind == "raw":
+                    summary = raw_decode(model, a.threads, w)
+                else:
+                    summary = measure(kind, model, a.threads, w)
+                    if key == "W5":
+                        total = summary["prompt_tokens"] + summary["completion_tokens"]
+                        summary["total_tok_s"] = round(total / summary["wall_s"], 1)
             except Exception as exc:  # a server that fails is a result too
                 summary = {"error": repr(exc)}
             results.setdefault(key, {})[kind] = summary
             print(f"  {kind:>19}: {json.dumps(summary)}", flush=True)
+    if "W5" in results and "total_tok_s" in results["W5"].get("fireside", {}):
+        w5 = results["W5"]
+        ratio = w5["fireside"]["total_tok_s"] / w5["raw"]["total_tok_s"]
+        print(f"\n== W5 engine efficiency: served/raw total tok/s = {ratio:.2f}")
     print("\n== ratios to llama-server (output tok/s; TTFT p50)")
     for key, by_kind in results.items():
         base = by_kind.get("llama-server", {})

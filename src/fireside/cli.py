@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="llama.cpp's flash attention kernels (1.8x the 16-stream throughput on CPU here)",
     )
     serve.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=_D.prefill_chunk,
+        metavar="N",
+        help="prompt tokens per step while other streams decode (bounds their token gaps)",
+    )
+    serve.add_argument(
         "--weights",
         default=_D.weights,
         choices=["auto", "original", "q8_0", "q4_0"],
@@ -144,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         batch_size=args.batch_size,
         default_max_tokens=args.default_max_tokens,
         flash_attn=args.flash_attn,
+        prefill_chunk=args.prefill_chunk,
         weights=args.weights,
         cache_dir=args.cache_dir,
         prefix_cache=args.prefix_cache,
@@ -184,6 +192,8 @@ def _check(config: ServeConfig) -> list[str]:
         problems.append("--threads must be 0 or more")
     if not 1 <= config.batch_size <= 8192:
         problems.append("--batch-size must be in 1..8192")
+    if config.prefill_chunk < 1:
+        problems.append("--prefill-chunk must be at least 1")
     if not 0 <= config.prefix_cache <= 128:
         problems.append("--prefix-cache must be in 0..128")
     if config.default_max_tokens < 0:

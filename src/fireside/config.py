@@ -20,6 +20,7 @@ class ServeConfig:
     flash_attn: bool = True  # measured: 219 vs 124 tok/s at 16 streams, 2 threads
     weights: str = "auto"  # auto: convert slow formats (Q4_1) to Q8_0; original; q8_0; q4_0
     cache_dir: str | None = None  # converted weights; None: $FIRESIDE_CACHE_DIR or ~/.cache
+    prefill_chunk: int = 512  # prompt tokens per step while other streams decode (scheduler.py)
     prefix_cache: int = 32  # finished sequences whose KV is kept for reuse; 0 turns it off
     log_level: str = "info"
 

@@ -86,6 +86,7 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
             max_running=config.parallel,
             token_budget=config.batch_size,
             cache_entries=config.prefix_cache,
+            prefill_chunk=config.prefill_chunk,
         ),
     )
 

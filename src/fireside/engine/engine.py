@@ -41,6 +41,7 @@ class EngineConfig:
     max_running: int = 16  # sequences decoding at once; `--parallel`
     token_budget: int = 512  # tokens per step, at most the runner's n_batch
     cache_entries: int = 32  # finished sequences kept in the prefix cache; 0 turns it off
+    prefill_chunk: int = 512  # prompt tokens per step while streams are decoding
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Engine:
                 kv_capacity=runner.n_ctx,
                 token_budget=min(self.config.token_budget, runner.n_batch),
                 cache_entries=self.config.cache_entries,
+                cache_cells=runner.n_ctx // 4,
+                prefill_chunk=self.config.prefill_chunk,
             ),
             release=runner.seq_remove,
             copy=lambda src, dst, length: runner.seq_copy(src, dst, 0, length),

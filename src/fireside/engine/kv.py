@@ -82,6 +82,17 @@ class KVLedger:
             del seg.ends[holder]
             self.used -= before - seg.cells
 
+    def cells_of(self, holders: set[int]) -> int:
+        """Cells in use by these holders (shared ones counted once)."""
+        seen: dict[int, int] = {}
+        segments: dict[int, _Segment] = {}
+        for holder in holders:
+            h = self._holders.get(holder)
+            for seg in h.segments if h is not None else ():
+                segments[id(seg)] = seg
+                seen[id(seg)] = max(seen.get(id(seg), seg.start), seg.ends[holder])
+        return sum(end - segments[key].start for key, end in seen.items())
+
     def exclusive(self, holder: int) -> int:
         """Cells that dropping this holder would free."""
         h = self._holders.get(holder)

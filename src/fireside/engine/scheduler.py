@@ -35,6 +35,13 @@ class SchedulerConfig:
     # logits buffer, which grows to the largest batch of outputs it has seen.
     max_scored_rows: int = 256
     cache_entries: int = 32  # finished sequences kept for their prefixes; 0: no prefix cache
+    # Cells only the prefix cache holds. Every decode step's attention walks the
+    # whole KV range, so idle cached cells cost running streams (~5% per 1000 cells).
+    cache_cells: int = 2048
+    # Prompt tokens per step while any stream is decoding: a step's length is a gap
+    # between two tokens of every running stream. Measured at 16 streams, 2 threads:
+    # 128 gave ITL p99 0.49 s but 140 tok/s; 512 gives p99 0.77 s and 182 tok/s.
+    prefill_chunk: int = 512
     min_cache_hit: int = 16  # shorter shared prefixes are computed again
 
 
@@ -155,11 +162,17 @@ class Scheduler:
             return False
         for entry in cache.add(slot, tokens):
             self._drop(entry.slot)
-        while len(cache.entries) > cache.max_entries:
+        while len(cache.entries) > cache.max_entries or (
+            len(cache.entries) > 1 and self._idle_cache_cells() > self.config.cache_cells
+        ):
             lru = cache.pop_lru()
             assert lru is not None
             self._drop(lru.slot)
         return True
+
+    def _idle_cache_cells(self) -> int:
+        running = {s.seq_id for s in self.running}
+        return self.ledger.used - self.ledger.cells_of(running)
 
     def _evict_one(self, keep: int | None = None) -> bool:
         """Drop the least recently used cache entry (not `keep`); False if none."""
@@ -201,6 +214,8 @@ class Scheduler:
             chunks.append(Chunk(s, s.num_computed, 1))
         budget -= len(chunks)
         self._pending = len(chunks)
+        if chunks:
+            budget = min(budget, self.config.prefill_chunk)
 
         # Then prompt chunks, oldest first; then admit waiting work while it fits.
         scored_rows = self.config.max_scored_rows

@@ -32,6 +32,9 @@ class LlamaCppConfig:
     n_threads: int = 0  # 0: the cores this process may use
     flash_attn: bool = False
     verbose: bool = False
+    # One KV pool for all sequences: forks (n > 1, the prefix cache) share cells for
+    # free. False gives each sequence its own n_ctx / n_seq_max cells (for measuring).
+    kv_unified: bool = True
 
 
 def available_cores() -> int:
@@ -99,7 +102,7 @@ class LlamaCppRunner:
         cparams.n_seq_max = config.n_seq_max
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        cparams.kv_unified = True
+        cparams.kv_unified = config.kv_unified
         cparams.no_perf = True
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
