@@ -163,7 +163,9 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) 
 
 async def run(url: str, model: str, w: Workload, api_key: str | None = None) -> Report:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=w.concurrency + 4)
+    # A fresh connection per request: a server closing an idle keep-alive connection
+    # just as a request goes out would otherwise show up as a failed request.
+    limits = httpx.Limits(max_connections=w.concurrency + 4, max_keepalive_connections=0)
     prompts = w.prompts()
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
