@@ -37,6 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="GGUF model file; without it, the embedded SmolLM2-135M-Instruct Q4_1",
     )
     serve.add_argument(
+        "--mmproj",
+        default=_D.mmproj,
+        metavar="PATH.gguf",
+        help="the model's vision projector (libmtmd): requests may carry images",
+    )
+    serve.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=_D.max_image_bytes,
+        metavar="N",
+        help="largest image accepted, in bytes (after base64 decoding)",
+    )
+    serve.add_argument(
         "--model-name",
         default=_D.model_name,
         metavar="NAME",
@@ -144,6 +157,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         port=args.port,
         model=args.model,
         model_name=args.model_name,
+        mmproj=args.mmproj,
+        max_image_bytes=args.max_image_bytes,
         api_keys=tuple(keys),
         ctx_size=args.ctx_size,
         parallel=args.parallel,
@@ -184,6 +199,10 @@ def _check(config: ServeConfig) -> list[str]:
     problems = []
     if config.model is not None and not Path(config.model).is_file():
         problems.append(f"--model {config.model}: no such file")
+    if config.mmproj is not None and not Path(config.mmproj).is_file():
+        problems.append(f"--mmproj {config.mmproj}: no such file")
+    if config.max_image_bytes < 1:
+        problems.append("--max-image-bytes must be at least 1")
     if config.ctx_size < 64:
         problems.append("--ctx-size must be at least 64")
     if not 1 <= config.parallel <= 256:

@@ -10,6 +10,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     model: str | None = None  # a GGUF path; None serves the embedded SmolLM2-135M-Instruct
+    mmproj: str | None = None  # a vision projector GGUF for the model (images)
+    max_image_bytes: int = 10 * 2**20  # per image, decoded
     model_name: str | None = None  # the id clients send; defaults to the file's name
     api_keys: tuple[str, ...] = field(default_factory=tuple)
     ctx_size: int = 8192  # KV cells shared by all sequences; also caps one request's context

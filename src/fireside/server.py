@@ -68,6 +68,7 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
             n_seq_max=min(256, max(config.parallel, config.max_n) + config.prefix_cache),
             n_threads=threads,
             flash_attn=config.flash_attn,
+            mmproj_path=config.mmproj,
         ),
         progress=_Progress(name),
     )
@@ -95,10 +96,16 @@ def serve(config: ServeConfig) -> int:
     path, name = resolve_model(config)
     engine = build_engine(config, path, name)
     engine.start()
-    service = CompletionService({name: engine}, default_max_tokens=config.default_max_tokens)
+    service = CompletionService(
+        {name: engine},
+        default_max_tokens=config.default_max_tokens,
+        max_image_bytes=config.max_image_bytes,
+    )
     app = create_app(
         service,
-        models=[ModelInfo(name, engine.context_length, int(time.time()))],
+        models=[
+            ModelInfo(name, engine.context_length, int(time.time()), vision=engine.supports_images)
+        ],
         api_keys=config.api_keys,
     )
     if not config.api_keys:

@@ -54,6 +54,7 @@ class FakeEngine:
         self.fail_tokenize = False
         self.requests: list[EngineRequest] = []
         self.grammar_specs: list[GrammarSpec] = []
+        self.vision = False
         self.closed_early: list[str] = []  # request ids whose iteration was left early
         self.num_tokenize_calls = 0
         self._ids: dict[bytes, int] = {}
@@ -86,6 +87,20 @@ class FakeEngine:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes.get(token_id, f"<{token_id}>".encode())
+
+    @property
+    def supports_images(self) -> bool:
+        return self.vision
+
+    def tokenize_media(self, text: str, images) -> tuple[list[int], object]:
+        """Each image is 4 positions of placeholder -1; the handle records what it got."""
+        ids: list[int] = []
+        parts = text.split("<image>")
+        for i, part in enumerate(parts):
+            ids += self.tokenize(part)
+            if i < len(parts) - 1:
+                ids += [-1] * 4
+        return ids, ("media", len(images))
 
     def compile_grammar(self, spec: GrammarSpec) -> str:
         """Echoes the spec; a source containing "bad" does not compile."""

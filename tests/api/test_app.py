@@ -109,7 +109,15 @@ def test_models_listing(client):
         body = client.get(path).json()
         assert body["object"] == "list"
         (model,) = body["data"]
-        assert list(model) == ["id", "object", "created", "owned_by", "context_length"]
+        assert list(model) == [
+            "id",
+            "object",
+            "created",
+            "owned_by",
+            "context_length",
+            "capabilities",
+        ]
+        assert model["capabilities"] == ["completion"]
         assert model["id"] == MODEL
         assert model["object"] == "model"
         assert model["owned_by"] == "fireside"

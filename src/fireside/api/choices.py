@@ -185,8 +185,14 @@ class Choices:
         self, prompt: PromptPlan, scores: Sequence[TokenLogprob | None]
     ) -> list[dict[str, Any]]:
         token_ids = prompt.token_ids[prompt.params.prompt_logprobs_start :]
+        # Image positions (negative placeholder ids) are not tokens: logprobs cover text.
+        text_only = [(t, s) for t, s in zip(token_ids, scores, strict=True) if t >= 0]
         positions = scored_positions(
-            token_ids, scores, OffsetCounter(), self._texts, limit=len(prompt.echo_text)
+            [t for t, _ in text_only],
+            [s for _, s in text_only],
+            OffsetCounter(),
+            self._texts,
+            limit=len(prompt.echo_text),
         )
         chunks = []
         for choice in self._of(prompt):

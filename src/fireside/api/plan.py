@@ -7,6 +7,7 @@ outputs into response choices.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fireside.api.protocol import LogprobsFormat
 from fireside.engine.client import EngineClient
@@ -36,6 +37,7 @@ class PromptPlan:
     text: str | None  # the prompt as the client sent it; None for token ids
     echo_text: str  # what the choice's text starts with; "" without echo
     params: SamplingParams  # max_tokens already fitted to the context
+    media: Any = None  # the engine's tokenized images (EngineClient.tokenize_media), if any
 
     @property
     def is_scored(self) -> bool:

@@ -61,7 +61,7 @@ class CompletionRequest(BaseModel):
 
     model: str
     prompt: Prompt
-    images: list[str] | None = None
+    images: list[str] | list[list[str]] | None = None  # data URIs; see api/images.py
     max_tokens: int | None = Field(None, ge=0)  # default: the server's, 16 unless configured
     max_completion_tokens: int | None = Field(None, ge=0)  # alias of max_tokens
     context_length_exceeded_behavior: Literal["truncate", "error"] | None = "truncate"

@@ -19,6 +19,7 @@ class ModelInfo:
     context_length: int
     created: int
     owned_by: str = "fireside"
+    vision: bool = False  # accepts images (a projector is loaded)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -27,6 +28,7 @@ class ModelInfo:
             "created": self.created,
             "owned_by": self.owned_by,
             "context_length": self.context_length,
+            "capabilities": ["completion", "vision"] if self.vision else ["completion"],
         }
 
 

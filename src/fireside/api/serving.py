@@ -17,6 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from fireside.api import images
 from fireside.api.choices import Choices
 from fireside.api.errors import APIError
 from fireside.api.metrics import ServingCounters
@@ -61,10 +62,12 @@ class CompletionService:
         engines: Mapping[str, EngineClient],
         default_max_tokens: int = 16,
         counters: ServingCounters | None = None,
+        max_image_bytes: int = 10 * 2**20,
     ) -> None:
         self.engines = dict(engines)
         self.default_max_tokens = default_max_tokens
         self.counters = counters or ServingCounters()
+        self.max_image_bytes = max_image_bytes
 
     async def prepare(self, request: CompletionRequest) -> CompletionPlan:
         """Check everything a client could get wrong; raises `APIError`, submits nothing."""
@@ -72,7 +75,7 @@ class CompletionService:
         engine = self.engines.get(request.model)
         if engine is None:
             raise APIError.model_not_found(request.model)
-        if request.images:
+        if request.images and not engine.supports_images:
             raise APIError.invalid("model does not accept images", "images")
         if not engine.is_healthy:
             raise APIError.unavailable()
@@ -80,17 +83,21 @@ class CompletionService:
         grammar = await _compile_grammar(engine, request)
 
         prompts = await tokenize_prompts(engine, request.prompt)
+        media: list[Any] = [None] * len(prompts)
+        if engine.supports_images:
+            prompts, media = await self._with_images(engine, request, prompts)
         requested = request.requested_max_tokens
         max_tokens = self.default_max_tokens if requested is None else requested
         truncate = request.context_length_exceeded_behavior != "error"
         plans = []
         for index, (token_ids, text) in enumerate(prompts):
-            check_token_ids(token_ids, engine.vocab_size, index)
+            if media[index] is None:  # image positions hold negative placeholder ids
+                check_token_ids(token_ids, engine.vocab_size, index)
             num_tokens = len(token_ids)
             fitted = fit_to_context(num_tokens, max_tokens, engine.context_length, truncate)
             echo_text = _echo_text(engine, token_ids, text, request.num_echo_tokens(num_tokens))
             params = request.to_sampling_params(fitted, num_tokens, grammar)
-            plans.append(PromptPlan(index, tuple(token_ids), text, echo_text, params))
+            plans.append(PromptPlan(index, tuple(token_ids), text, echo_text, params, media[index]))
         options = OutputOptions(
             logprobs=request.logprobs_format,
             num_top_logprobs=request.num_top_logprobs or 0,
@@ -120,6 +127,43 @@ class CompletionService:
             request.user,
         )
         return plan
+
+    async def _with_images(
+        self,
+        engine: EngineClient,
+        request: CompletionRequest,
+        prompts: list[tuple[list[int], str | None]],
+    ) -> tuple[list[tuple[list[int], str | None]], list[Any]]:
+        """Prompts with images tokenized through the model's projector (decoding,
+        preprocessing and tokenizing in a worker thread)."""
+        uris = images.assign(request.images, [text for _, text in prompts])
+        if not any(uris):
+            return prompts, [None] * len(prompts)
+        limit = self.max_image_bytes
+
+        def decode_and_tokenize() -> tuple[list[tuple[list[int], str | None]], list[Any]]:
+            decoded, counter = [], 0
+            for prompt_uris in uris:
+                decoded.append(
+                    [images.decode(u, counter + i, limit) for i, u in enumerate(prompt_uris)]
+                )
+                counter += len(prompt_uris)
+            out: list[tuple[list[int], str | None]] = []
+            media: list[Any] = []
+            for (token_ids, text), pictures in zip(prompts, decoded, strict=True):
+                if not pictures or text is None:
+                    out.append((token_ids, text))
+                    media.append(None)
+                    continue
+                try:
+                    ids, handle = engine.tokenize_media(text, pictures)
+                except ValueError as exc:
+                    raise APIError.invalid(str(exc), "images") from None
+                out.append((ids, text))
+                media.append(handle)
+            return out, media
+
+        return await asyncio.to_thread(decode_and_tokenize)
 
     async def complete(
         self, plan: CompletionPlan, is_disconnected: IsDisconnected | None = None
@@ -249,7 +293,9 @@ async def _generate(plan: CompletionPlan, prompt: PromptPlan) -> AsyncIterator[R
     Closing the engine's iterator explicitly (not at garbage collection) is what
     aborts the engine request promptly when we stop early.
     """
-    request = EngineRequest(f"{plan.cmpl_id}-{prompt.index}", prompt.token_ids, prompt.params)
+    request = EngineRequest(
+        f"{plan.cmpl_id}-{prompt.index}", prompt.token_ids, prompt.params, prompt.media
+    )
     outputs = plan.engine.generate(request)
     is_finished = False
     is_first = True

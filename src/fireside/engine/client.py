@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
-from fireside.engine.types import EngineRequest, EngineStats, GrammarSpec, RequestOutput
+from fireside.engine.types import (
+    EngineRequest,
+    EngineStats,
+    GrammarSpec,
+    PromptImage,
+    RequestOutput,
+)
 
 
 class EngineClient(Protocol):
@@ -36,6 +42,18 @@ class EngineClient(Protocol):
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token renders to (may be part of a multi-byte character)."""
+        ...
+
+    @property
+    def supports_images(self) -> bool:
+        """The model has a vision projector."""
+        ...
+
+    def tokenize_media(self, text: str, images: Sequence[PromptImage]) -> tuple[list[int], Any]:
+        """Token ids of a prompt with one `<image>` marker per image, and the media
+        handle for `EngineRequest.media`. Image positions hold negative ids.
+        Slow (image preprocessing): call it off the event loop. ValueError if it fails.
+        """
         ...
 
     def compile_grammar(self, spec: GrammarSpec) -> str:

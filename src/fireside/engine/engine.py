@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from fireside.engine.types import (
     FinishReason,
     GrammarError,
     GrammarSpec,
+    PromptImage,
     RequestOutput,
     SampleDelta,
     TokenLogprob,
@@ -77,6 +79,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._dead = False
+        self._media = getattr(runner, "media", None)  # a vision projector, if any
         make_tokenizer = getattr(runner, "grammar_tokenizer", None)
         self.grammars = (
             Grammars(make_tokenizer, num_threads=getattr(runner, "n_threads", 1))
@@ -120,6 +123,16 @@ class Engine:
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.runner.token_bytes(token_id)
+
+    @property
+    def supports_images(self) -> bool:
+        return self._media is not None
+
+    def tokenize_media(self, text: str, images: Sequence[PromptImage]) -> tuple[list[int], Any]:
+        if self._media is None:
+            raise ValueError("this model does not accept images")
+        prompt = self._media.tokenize(text, [i.rgb for i in images], [i.digest for i in images])
+        return prompt.token_ids, prompt
 
     def compile_grammar(self, spec: GrammarSpec) -> str:
         if self.grammars is None:
@@ -195,6 +208,7 @@ class Engine:
                 for s in state.seqs:
                     s.finish_reason = FinishReason.LENGTH
                 self._emit([(state, self._output(state))])
+                _close_media(state)
                 continue
             if state.params.grammar is not None:
                 assert self.grammars is not None  # compile_grammar said so
@@ -208,6 +222,7 @@ class Engine:
             state = self._states.pop(rid, None)
             if state is not None:
                 self.scheduler.remove_request(state)
+                _close_media(state)
                 self._stats.requests_aborted_total += 1
 
     def _fail_all(self, message: str) -> None:
@@ -228,8 +243,12 @@ class Engine:
         batch = Batch()
         to_sample: list[tuple[Chunk, int]] = []  # chunk, its logits row
         scored: list[tuple[Chunk, int, int, int]] = []  # chunk, first position, count, first row
+        images: list[Chunk] = []
         num_rows = 0
         for c in chunks:
+            if c.image is not None:
+                images.append(c)
+                continue
             seq, end = c.seq, c.start + c.count
             lo, hi = self._scored_positions(c)
             for pos in range(c.start, end):
@@ -242,13 +261,28 @@ class Engine:
                 to_sample.append((c, num_rows))
                 num_rows += 1
         try:
-            logits = self.runner.forward(batch)
+            logits = self.runner.forward(batch) if len(batch) else None
         except KVCacheFull:
             # Our count said it fits; llama.cpp's placement disagreed. Nothing was
             # computed: make room and run the step again.
             log.warning("llama.cpp found no KV room for a %d-token batch", len(batch))
             self.scheduler.relieve()
             return
+        # Then images: each is encoded and its embeddings decoded into its sequence.
+        image_rows: list[np.ndarray] = []
+        if images and logits is not None:
+            logits = logits.copy()  # a view of llama.cpp's buffer, which the images overwrite
+        for c in images:
+            assert self._media is not None and c.image is not None
+            want = c.reaches_end and c.seq.group.params.max_tokens > 0
+            row = self._media.evaluate(c.image, c.seq.seq_id, want)
+            if row is not None:
+                to_sample.append((c, num_rows + len(image_rows)))
+                image_rows.append(row)
+        if logits is None:
+            logits = np.empty((0, self.runner.vocab_size), dtype=np.float32)
+        if image_rows:
+            logits = np.vstack([logits, *image_rows])
         self._stats.steps_total += 1
 
         for c in chunks:
@@ -295,6 +329,7 @@ class Engine:
             if group.is_finished:
                 self._states.pop(group.request_id, None)
                 self.scheduler.remove_request(group)
+                _close_media(group)
                 self._stats.requests_finished_total += 1
         self._emit(outputs)
 
@@ -315,8 +350,12 @@ class Engine:
             group.prompt_scores = [None] * group.num_prompt
         num_top = group.params.prompt_logprobs or 0
         targets = prompt[first_pos + 1 : first_pos + 1 + rows.shape[0]]
-        target_lp, top, top_lp = logprobs_of(rows, targets, num_top)
+        # Image positions (negative placeholders) are not scored; score them as 0
+        # and drop the result, so the rows stay aligned.
+        target_lp, top, top_lp = logprobs_of(rows, [max(t, 0) for t in targets], num_top)
         for r, token in enumerate(targets):
+            if token < 0:
+                continue
             group.prompt_scores[first_pos + 1 + r] = TokenLogprob(
                 token, float(target_lp[r]), _pairs(top[r], top_lp[r])
             )
@@ -435,3 +474,10 @@ def _grammar_continues(matcher: object, token: int) -> bool:
     """
     matcher.consume_token(token)  # type: ignore[attr-defined]
     return not (matcher.is_stopped() or matcher.is_error())  # type: ignore[attr-defined]
+
+
+def _close_media(state: RequestState) -> None:
+    """Free a finished request's image chunks (their KV, if cached, stays)."""
+    media = state.request.media
+    if media is not None:
+        media.close()

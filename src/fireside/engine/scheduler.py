@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fireside.engine.kv import CacheEntry, KVLedger, PrefixCache, common_prefix
 from fireside.engine.sequence import RequestState, Sequence
@@ -50,6 +51,7 @@ class Chunk:
     seq: Sequence
     start: int  # position of the first token
     count: int
+    image: Any = None  # an image span (runner.media.ImageSpan) computed whole, not tokens
 
     @property
     def reaches_end(self) -> bool:
@@ -222,12 +224,23 @@ class Scheduler:
 
         def take(s: Sequence) -> None:
             nonlocal budget, scored_rows
+            image = None
             n = min(s.num_pending, budget, self._free_cells())
-            if s.group.scores_prompt:
+            for span in s.group.spans:
+                if span.start == s.num_computed:  # an image goes in whole, or not at all
+                    image = span
+                    n = span.num_pos if span.num_pos <= min(budget, self._free_cells()) else 0
+                    if not chunks and span.num_pos <= self._free_cells():
+                        n = span.num_pos  # alone in a step, it may exceed the token budget
+                    break
+                if span.start > s.num_computed:  # text stops where the next image starts
+                    n = min(n, span.start - s.num_computed)
+                    break
+            if s.group.scores_prompt and image is None:
                 n = min(n, scored_rows)
                 scored_rows -= max(n, 0)
             if n > 0:
-                chunks.append(Chunk(s, s.num_computed, n))
+                chunks.append(Chunk(s, s.num_computed, n, image))
                 budget -= n
                 self._pending += n
 
@@ -269,6 +282,9 @@ class Scheduler:
             n = common_prefix(s.tokens, seq.tokens, min(s.num_computed, limit))
             if n > best:
                 src, best, entry = s.seq_id, n, None
+        for span in seq.group.spans:  # a hit never ends inside an image
+            if span.start < best < span.start + span.num_pos:
+                best = span.start
         if best < self.config.min_cache_hit:
             return None
         return _Hit(src, best, entry)

@@ -91,6 +91,12 @@ class RequestState:
         return all(s.is_finished for s in self.seqs)
 
     @property
+    def spans(self) -> list[Any]:
+        """The prompt's images (runner.media.ImageSpan: start, num_pos), in order."""
+        media = self.request.media
+        return media.spans if media is not None else []
+
+    @property
     def scores_prompt(self) -> bool:
         """The prompt still has to be computed with its logits kept for scoring."""
         return self.params.prompt_logprobs is not None and not self.forked

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
+
+import numpy as np
 
 
 class FinishReason(StrEnum):
@@ -84,11 +86,20 @@ class TokenLogprob:
     sampling_logprob: float | None = None  # under the distribution sampled from; None in prompts
 
 
+@dataclass(frozen=True, eq=False)
+class PromptImage:
+    """A decoded image: RGB pixels ([height, width, 3] uint8) and its bytes' sha256."""
+
+    rgb: np.ndarray
+    digest: bytes
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: tuple[int, ...]  # image positions hold negative placeholder ids
     params: SamplingParams
+    media: Any = None  # the runner's tokenized images (EngineClient.tokenize_media), if any
 
 
 @dataclass(frozen=True)

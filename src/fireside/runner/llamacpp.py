@@ -19,6 +19,7 @@ import llama_cpp
 import numpy as np
 
 from fireside.runner.base import Batch, KVCacheFull
+from fireside.runner.media import Media
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class LlamaCppConfig:
     # One KV pool for all sequences: forks (n > 1, the prefix cache) share cells for
     # free. False gives each sequence its own n_ctx / n_seq_max cells (for measuring).
     kv_unified: bool = True
+    mmproj_path: str | None = None  # a vision projector (libmtmd): the model accepts images
 
 
 def available_cores() -> int:
@@ -134,6 +136,9 @@ class LlamaCppRunner:
         self._logits_view = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         self._nseq_view[:] = 1
         self._seq_slot = [self._batch.seq_id[i] for i in range(self.n_batch)]
+        self.media: Media | None = None
+        if config.mmproj_path is not None:
+            self.media = Media(config.mmproj_path, model, ctx, n_threads, self.n_batch)
 
     # -- model facts -------------------------------------------------------
 
@@ -169,7 +174,9 @@ class LlamaCppRunner:
         return lltokenizer_from_vocab(self._vocab)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        return b"".join(self._pieces[t] for t in token_ids).decode("utf-8", "replace")
+        # Negative ids are image positions (runner.media): they render as nothing.
+        data = b"".join(self._pieces[t] for t in token_ids if t >= 0)
+        return data.decode("utf-8", "replace")
 
     # -- compute -----------------------------------------------------------
 
@@ -204,6 +211,9 @@ class LlamaCppRunner:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, start, end)
 
     def close(self) -> None:
+        if self.media is not None:
+            self.media.close()
+            self.media = None
         if self._ctx:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self._ctx)
