@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fireside.config import ServeConfig
@@ -32,15 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=_D.port, help="port to listen on (0: any free)")
     serve.add_argument(
         "--model",
-        default=_D.model,
-        metavar="PATH.gguf",
-        help="GGUF model file; without it, the embedded SmolLM2-135M-Instruct Q4_1",
+        action="append",
+        metavar="[NAME=]PATH.gguf",
+        help="a GGUF model to serve, repeatable (each gets its own engine); "
+        "without it, the embedded SmolLM2-135M-Instruct Q4_1",
     )
     serve.add_argument(
         "--mmproj",
-        default=_D.mmproj,
-        metavar="PATH.gguf",
-        help="the model's vision projector (libmtmd): requests may carry images",
+        action="append",
+        metavar="[NAME=]PATH.gguf",
+        help="a model's vision projector (libmtmd): requests to it may carry images",
+    )
+    serve.add_argument(
+        "--alias",
+        action="append",
+        metavar="ALIAS=NAME",
+        help="another id clients may use for a loaded model (repeatable), "
+        "e.g. accounts/fireworks/models/x=SmolLM2-135M-Instruct",
     )
     serve.add_argument(
         "--max-image-bytes",
@@ -125,6 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="where converted weights are kept (default $FIRESIDE_CACHE_DIR or ~/.cache/fireside)",
     )
     serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=_D.max_waiting,
+        metavar="N",
+        help="requests that may wait for a slot; beyond them, 429 with Retry-After",
+    )
+    serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=_D.request_timeout,
+        metavar="S",
+        help="seconds a request may run before it is stopped with an error",
+    )
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=_D.shutdown_grace,
+        metavar="S",
+        help="on SIGTERM/SIGINT, seconds running requests get to finish",
+    )
+    serve.add_argument(
         "--prefix-cache",
         type=int,
         default=_D.prefix_cache,
@@ -155,9 +185,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         host=args.host,
         port=args.port,
-        model=args.model,
+        models=tuple(args.model or ()),
         model_name=args.model_name,
-        mmproj=args.mmproj,
+        mmproj=tuple(args.mmproj or ()),
+        aliases=tuple(args.alias or ()),
         max_image_bytes=args.max_image_bytes,
         api_keys=tuple(keys),
         ctx_size=args.ctx_size,
@@ -169,6 +200,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         prefill_chunk=args.prefill_chunk,
         weights=args.weights,
         cache_dir=args.cache_dir,
+        max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout,
+        shutdown_grace=args.shutdown_grace,
         prefix_cache=args.prefix_cache,
         log_level=args.log_level,
     )
@@ -197,10 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check(config: ServeConfig) -> list[str]:
     problems = []
-    if config.model is not None and not Path(config.model).is_file():
-        problems.append(f"--model {config.model}: no such file")
-    if config.mmproj is not None and not Path(config.mmproj).is_file():
-        problems.append(f"--mmproj {config.mmproj}: no such file")
+    try:
+        specs = resolve_models(config)
+        resolve_aliases(config, specs)
+    except ValueError as exc:
+        return [str(exc)]
+    for spec in specs:
+        for path in (spec.path, spec.mmproj):
+            if path is not None and not Path(path).is_file():
+                problems.append(f"{spec.name}: {path}: no such file")
     if config.max_image_bytes < 1:
         problems.append("--max-image-bytes must be at least 1")
     if config.ctx_size < 64:
@@ -213,6 +252,10 @@ def _check(config: ServeConfig) -> list[str]:
         problems.append("--batch-size must be in 1..8192")
     if config.prefill_chunk < 1:
         problems.append("--prefill-chunk must be at least 1")
+    if config.max_waiting < 0:
+        problems.append("--max-waiting must be 0 or more")
+    if config.request_timeout <= 0 or config.shutdown_grace < 0:
+        problems.append("--request-timeout must be positive and --shutdown-grace not negative")
     if not 0 <= config.prefix_cache <= 128:
         problems.append("--prefix-cache must be in 0..128")
     if config.default_max_tokens < 0:
@@ -222,9 +265,57 @@ def _check(config: ServeConfig) -> list[str]:
     return problems
 
 
-def resolve_model(config: ServeConfig) -> tuple[str, str]:
-    """(path, name) of the model to serve."""
-    if config.model is None:
-        return str(default_model_path()), config.model_name or DEFAULT_MODEL_NAME
-    path = Path(config.model)
-    return str(path), config.model_name or path.name.removesuffix(".gguf")
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the id clients send
+    path: str
+    mmproj: str | None = None
+
+
+def _split(spec: str) -> tuple[str | None, str]:
+    """ "NAME=VALUE" -> (NAME, VALUE); "VALUE" -> (None, VALUE)."""
+    name, sep, value = spec.partition("=")
+    return (name, value) if sep and name and value else (None, spec)
+
+
+def resolve_models(config: ServeConfig) -> list[ModelSpec]:
+    """The models to serve, with their names and projectors; ValueError if inconsistent."""
+    raw = config.models or (str(default_model_path()),)
+    specs: list[ModelSpec] = []
+    for item in raw:
+        name, path = _split(item) if config.models else (None, item)
+        if name is None:
+            if len(raw) == 1 and config.model_name:
+                name = config.model_name
+            elif not config.models:
+                name = DEFAULT_MODEL_NAME
+            else:
+                name = Path(path).name.removesuffix(".gguf")
+        specs.append(ModelSpec(name, path))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two models share a name: {names}")
+    for item in config.mmproj:
+        name, path = _split(item)
+        if name is None:
+            if len(specs) != 1:
+                raise ValueError("with several models, give --mmproj as NAME=PATH")
+            name = specs[0].name
+        if name not in names:
+            raise ValueError(f"--mmproj {item}: no model named {name!r}")
+        specs[names.index(name)] = replace(specs[names.index(name)], mmproj=path)
+    return specs
+
+
+def resolve_aliases(config: ServeConfig, specs: list[ModelSpec]) -> dict[str, str]:
+    """alias -> model name; ValueError for an alias of nothing or one that shadows a model."""
+    names = {s.name for s in specs}
+    aliases = {}
+    for item in config.aliases:
+        alias, sep, target = item.partition("=")
+        if not sep or not alias or target not in names:
+            raise ValueError(f"--alias {item}: expected ALIAS=NAME with NAME a served model")
+        if alias in names:
+            raise ValueError(f"--alias {item}: {alias!r} is already a model's name")
+        aliases[alias] = target
+    return aliases

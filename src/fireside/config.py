@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    model: str | None = None  # a GGUF path; None serves the embedded SmolLM2-135M-Instruct
-    mmproj: str | None = None  # a vision projector GGUF for the model (images)
+    # --model: "PATH" or "NAME=PATH", repeatable; none serves the embedded SmolLM2-135M-Instruct.
+    models: tuple[str, ...] = ()
+    mmproj: tuple[str, ...] = ()  # "PATH" (the only model's) or "NAME=PATH": vision projectors
+    aliases: tuple[str, ...] = ()  # "ALIAS=NAME": more ids for a loaded model
     max_image_bytes: int = 10 * 2**20  # per image, decoded
     model_name: str | None = None  # the id clients send; defaults to the file's name
     api_keys: tuple[str, ...] = field(default_factory=tuple)
@@ -23,6 +25,9 @@ class ServeConfig:
     weights: str = "auto"  # auto: convert slow formats (Q4_1) to Q8_0; original; q8_0; q4_0
     cache_dir: str | None = None  # converted weights; None: $FIRESIDE_CACHE_DIR or ~/.cache
     prefill_chunk: int = 512  # prompt tokens per step while other streams decode (scheduler.py)
+    max_waiting: int = 256  # requests queued beyond the running ones; more get 429
+    request_timeout: float = 600.0  # seconds; a request running longer is stopped
+    shutdown_grace: float = 30.0  # seconds running requests get to finish on SIGTERM
     prefix_cache: int = 32  # finished sequences whose KV is kept for reuse; 0 turns it off
     log_level: str = "info"
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 
 from fireside.api import CompletionService, ModelInfo, create_app
-from fireside.cli import resolve_model
+from fireside.api.status import StatusCounter
+from fireside.cli import ModelSpec, resolve_aliases, resolve_models
 from fireside.config import ServeConfig
 from fireside.engine.engine import Engine, EngineConfig
 from fireside.runner import weights
@@ -20,7 +26,14 @@ log = logging.getLogger("fireside")
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, announcing the bound address (port 0 picks a free one) once it listens."""
+    """uvicorn, announcing the bound address (port 0 picks a free one) once it listens,
+    draining on SIGTERM/SIGINT, and stopping with an error if an engine dies."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, engines: list[Engine]) -> None:
+        super().__init__(config)
+        self.app = app
+        self.engines = engines
+        self.exit_code = 0
 
     async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
         await super().startup(sockets)
@@ -28,6 +41,29 @@ class _Server(uvicorn.Server):
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         print(f"fireside: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            print(
+                "fireside: draining: new requests get 503, running ones may finish",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.app.state.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has stopped, so the process would
+        # die of SIGTERM; a drained shutdown is a clean one and exits 0.
+        if sig in (signal.SIGTERM, signal.SIGINT) and self._captured_signals:
+            self._captured_signals.pop()
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn ticks every 0.1 s; a dead engine makes the process exit non-zero, so
+        # a supervisor restarts it (its requests have already been failed).
+        if any(engine.is_dead for engine in self.engines) and not self.should_exit:
+            log.error("an engine thread died; stopping so a supervisor can restart us")
+            self.exit_code = 1
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 class _Progress:
@@ -55,7 +91,8 @@ def weights_path(config: ServeConfig, path: str) -> str:
     return weights.convert(path, target, cache_dir, config.threads, say=_say)
 
 
-def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
+def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
+    path, name = spec.path, spec.name
     threads = config.threads or available_cores()
     path = weights_path(config, path)
     started = time.perf_counter()
@@ -68,7 +105,7 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
             n_seq_max=min(256, max(config.parallel, config.max_n) + config.prefix_cache),
             n_threads=threads,
             flash_attn=config.flash_attn,
-            mmproj_path=config.mmproj,
+            mmproj_path=spec.mmproj,
         ),
         progress=_Progress(name),
     )
@@ -93,20 +130,36 @@ def build_engine(config: ServeConfig, path: str, name: str) -> Engine:
 
 
 def serve(config: ServeConfig) -> int:
-    path, name = resolve_model(config)
-    engine = build_engine(config, path, name)
-    engine.start()
+    specs = resolve_models(config)
+    aliases = resolve_aliases(config, specs)
+    engines: dict[str, Engine] = {}
+    for spec in specs:  # each model has its own engine (and its own llama.cpp threads)
+        engines[spec.name] = build_engine(config, spec)
+        engines[spec.name].start()
+    created = int(time.time())
+    models = [
+        ModelInfo(name, e.context_length, created, vision=e.supports_images)
+        for name, e in engines.items()
+    ]
+    models += [
+        ModelInfo(
+            alias, engines[target].context_length, created, vision=engines[target].supports_images
+        )
+        for alias, target in aliases.items()
+    ]
     service = CompletionService(
-        {name: engine},
+        {**engines, **{alias: engines[target] for alias, target in aliases.items()}},
         default_max_tokens=config.default_max_tokens,
         max_image_bytes=config.max_image_bytes,
+        max_waiting=config.max_waiting,
+        request_timeout_s=config.request_timeout,
     )
     app = create_app(
         service,
-        models=[
-            ModelInfo(name, engine.context_length, int(time.time()), vision=engine.supports_images)
-        ],
+        models=models,
         api_keys=config.api_keys,
+        engines=engines,  # health and metrics per model, not per alias
+        test_hooks=os.environ.get("FIRESIDE_TEST_HOOKS") == "1",
     )
     if not config.api_keys:
         print(
@@ -117,16 +170,19 @@ def serve(config: ServeConfig) -> int:
         )
     server = _Server(
         uvicorn.Config(
-            app,
+            StatusCounter(app, service.counters.responses),
             host=config.host,
             port=config.port,
             log_level="warning",
             access_log=False,
-            timeout_graceful_shutdown=10,
-        )
+            timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
+        ),
+        app,
+        list(engines.values()),
     )
     try:
         server.run()
     finally:
-        engine.shutdown()
-    return 0
+        for engine in engines.values():
+            engine.shutdown()
+    return server.exit_code

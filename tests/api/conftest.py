@@ -26,9 +26,12 @@ def make_client(engine: FakeEngine) -> MakeClient:
         engines: dict[str, Any] | None = None,
         api_keys: Sequence[str] = (),
         default_max_tokens: int = 16,
+        service_kwargs: dict[str, Any] | None = None,
         **app_kwargs: Any,
     ) -> TestClient:
-        service = CompletionService(engines or {MODEL: engine}, default_max_tokens)
+        service = CompletionService(
+            engines or {MODEL: engine}, default_max_tokens, **(service_kwargs or {})
+        )
         app = create_app(service, api_keys=api_keys, **app_kwargs)
         # raise_server_exceptions=False: a 500 must be an answer, not a crash.
         return TestClient(app, raise_server_exceptions=False)

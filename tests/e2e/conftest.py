@@ -27,9 +27,9 @@ def served_weights() -> str:
     return weights.convert(str(default_model_path()), "q8_0", say=lambda _: None)
 
 
-def _start(*flags: str):
+def _start(*flags: str, env_extra: dict[str, str] | None = None):
     cmd = [sys.executable, "-m", "fireside", "serve", "--port", "0", "--threads", "1", *flags]
-    env = dict(os.environ, FIRESIDE_API_KEYS="")
+    env = dict(os.environ, FIRESIDE_API_KEYS="", **(env_extra or {}))
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
     url = None
     deadline = time.time() + 120

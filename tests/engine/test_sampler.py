@@ -209,3 +209,30 @@ def test_logprobs_of_is_log_softmax(logits: np.ndarray) -> None:
         np.testing.assert_allclose(top_lp[r], ref[order], atol=1e-5)
     _, top0, top0_lp = logprobs_of(rows, [0, 0], 0)
     assert top0.shape == (2, 0) and top0_lp.shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1e-300),
+        SamplingParams(temperature=5e-324, top_p=0.9),
+        SamplingParams(repetition_penalty=1e-240, min_p=1e-240),
+        SamplingParams(repetition_penalty=1e-46, top_p=0.5),
+        SamplingParams(repetition_penalty=2.0, frequency_penalty=2, presence_penalty=-2),
+    ],
+    ids=[
+        "tiny-temperature",
+        "tiny-temperature-top-p",
+        "tiny-penalty-min-p",
+        "tiny-penalty",
+        "all-penalties",
+    ],
+)
+def test_extreme_but_valid_values_give_a_real_token_and_finite_scores(logits, params):
+    """Found by fuzzing: float32 underflow once made NaN distributions (and crashed)."""
+    history = History(np.array([1, 2, 3]), [int(np.argmax(logits)), 5, 5])
+    out = sample_rows(logits[None].copy(), [params], [np.random.default_rng(0)], [history])
+    assert 0 <= out.tokens[0] < V
+    assert np.isfinite(out.sampling_logprobs[0])
+    if params.temperature < 1e-5 and not params.has_penalties:
+        assert out.tokens[0] == int(np.argmax(logits))  # tiny temperature is greedy

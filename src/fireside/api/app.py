@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from fireside.api.auth import BearerAuth
 from fireside.api.errors import APIError, from_validation_errors
 from fireside.api.metrics import make_registry
+from fireside.api.openapi import openapi_document
 from fireside.api.protocol import parse_completion_request
 from fireside.api.responses import ModelInfo, perf_metrics_headers
 from fireside.api.serving import ClientDisconnected, CompletionService
@@ -41,6 +42,7 @@ def create_app(
     engines: Mapping[str, EngineClient] | None = None,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    test_hooks: bool = False,
 ) -> FastAPI:
     """Build the app. `engines` defaults to the service's and `models` to one entry per
     engine; pass them to list something else (a display name, a creation time)."""
@@ -59,6 +61,8 @@ def create_app(
     api = APIRouter(dependencies=[Depends(auth)], route_class=_GuardedRoute)
 
     async def create_completion(request: Request) -> Response:
+        if app.state.draining:
+            raise APIError.unavailable("The server is shutting down; retry on another instance.")
         body = await _read_body(request, max_body_bytes)
         plan = await service.prepare(parse_completion_request(body))
         if plan.stream:
@@ -99,10 +103,31 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         # Open on purpose: load balancers and orchestrators probe it without a key.
+        if app.state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if all(engine.is_healthy for engine in engines.values()):
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
+    document = openapi_document()
+
+    @app.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        # Open like /health: the document names no model and no key.
+        return JSONResponse(document)
+
+    if test_hooks:  # only when FIRESIDE_TEST_HOOKS=1: fault injection for tests
+
+        async def crash_engine() -> JSONResponse:
+            for engine in engines.values():
+                engine.crash_for_test()  # type: ignore[attr-defined]
+            return JSONResponse({"status": "crashing"})
+
+        api_hooks = APIRouter(dependencies=[Depends(auth)])
+        api_hooks.add_api_route("/_test/crash-engine", crash_engine, methods=["POST"])
+        app.include_router(api_hooks)
+
+    app.state.draining = False  # set on SIGTERM/SIGINT: new requests get 503
     return app
 
 

@@ -143,6 +143,8 @@ class Choices:
         self._num_prompt_tokens = plan.num_prompt_tokens
         self._num_generated = 0
         self.first_token_at: float | None = None  # time.monotonic() of the first token
+        self.token_gaps: list[float] = []  # seconds between a prompt's token outputs
+        self._last_token_at: dict[int, float] = {}  # per prompt
 
     def _of(self, prompt: PromptPlan) -> list[_Choice]:
         return self._choices[prompt.index * self._n : (prompt.index + 1) * self._n]
@@ -168,13 +170,20 @@ class Choices:
             # The echo chunk carries the prompt's logprobs, so it goes out now, before
             # this output's deltas.
             chunks += self._add_prompt_scores(prompt, output.prompt_logprobs)
+        if any(d.token_ids for d in output.deltas):
+            # One engine step's tokens for this prompt: a gap for latency metrics.
+            now = time.monotonic()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            last = self._last_token_at.get(prompt.index)
+            if last is not None:
+                self.token_gaps.append(now - last)
+            self._last_token_at[prompt.index] = now
         for delta in output.deltas:
             choice = self._choices[prompt.index * self._n + delta.index]
             positions = choice.add(delta)
             if delta.token_ids:
                 self._num_generated += len(delta.token_ids)
-                if self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
             is_last = delta.finish_reason is not None
             has_news = delta.text or is_last or (delta.token_ids and self._options.is_per_token)
             if self._is_stream and has_news:

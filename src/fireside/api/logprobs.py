@@ -158,4 +158,6 @@ def _content(
 
 
 def _finite(logprob: float) -> float:
+    if logprob != logprob:  # NaN is not JSON either; never expected, never sent
+        return _MIN_LOGPROB
     return max(logprob, _MIN_LOGPROB)

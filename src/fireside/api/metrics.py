@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator, Mapping
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -20,11 +21,39 @@ _MODEL = "model_name"
 
 
 class ServingCounters:
-    """What only the API layer sees: tokens submitted and how choices finished."""
+    """What only the API layer sees: tokens submitted, how choices finished, HTTP
+    statuses, and the latency histograms (names follow vLLM's)."""
 
     def __init__(self) -> None:
         self.prompt_tokens: Counter[str] = Counter()
         self.successes: Counter[tuple[str, str]] = Counter()  # (model, finish_reason)
+        self.ttft = Histogram(
+            "fireside:time_to_first_token_seconds",
+            "From the request's arrival to its first generated token.",
+            [_MODEL],
+            buckets=(0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),
+            registry=None,
+        )
+        self.itl = Histogram(
+            "fireside:inter_token_latency_seconds",
+            "Between two generated tokens of one request.",
+            [_MODEL],
+            buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5),
+            registry=None,
+        )
+        self.e2e = Histogram(
+            "fireside:e2e_request_latency_seconds",
+            "From the request's arrival to its last token.",
+            [_MODEL],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640),
+            registry=None,
+        )
+        self.responses = PromCounter(
+            "fireside:http_requests",
+            "Completion requests answered, by HTTP status.",
+            ["status"],
+            registry=None,
+        )
 
     def add_prompt_tokens(self, model: str, num_tokens: int) -> None:
         self.prompt_tokens[model] += num_tokens
@@ -69,6 +98,11 @@ class FiresideCollector(Collector):
             "Prompt tokens found in the prefix cache (not computed again).",
             labels=[_MODEL],
         )
+        aborts = CounterMetricFamily(
+            "fireside:request_aborts",
+            "Engine requests stopped early (client disconnected, timeout).",
+            labels=[_MODEL],
+        )
         masks = CounterMetricFamily(
             "fireside:grammar_masks",
             "Token masks computed for constrained (response_format) sequences.",
@@ -95,6 +129,7 @@ class FiresideCollector(Collector):
             prompt.add_metric([model], self._counters.prompt_tokens[model])
             cache_queries.add_metric([model], stats.prefix_cache_queries_total)
             cache_hits.add_metric([model], stats.prefix_cache_hits_total)
+            aborts.add_metric([model], stats.requests_aborted_total)
             masks.add_metric([model], stats.grammar_masks_total)
             mask_seconds.add_metric([model], stats.grammar_mask_seconds_total)
         for (model, reason), count in sorted(self._counters.successes.items()):
@@ -108,6 +143,7 @@ class FiresideCollector(Collector):
             prompt,
             cache_queries,
             cache_hits,
+            aborts,
             masks,
             mask_seconds,
             successes,
@@ -119,4 +155,6 @@ def make_registry(
 ) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FiresideCollector(engines, counters))
+    for metric in (counters.ttft, counters.itl, counters.e2e, counters.responses):
+        registry.register(metric)
     return registry

@@ -6,7 +6,8 @@ outputs into response choices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fireside.api.protocol import LogprobsFormat
@@ -68,6 +69,8 @@ class CompletionPlan:
     stream: bool
     options: OutputOptions
     started_at: float  # time.monotonic() when prepare began, for perf metrics
+    # Gives back the queue places the plan holds (CompletionService); idempotent.
+    reservation: Callable[[], Any] = field(default=lambda: None, compare=False)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -12,6 +12,8 @@ import asyncio
 import logging
 import time
 import uuid
+import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -63,11 +65,18 @@ class CompletionService:
         default_max_tokens: int = 16,
         counters: ServingCounters | None = None,
         max_image_bytes: int = 10 * 2**20,
+        max_waiting: int = 256,
+        request_timeout_s: float = 600.0,
+        max_prompts: int = 128,
     ) -> None:
         self.engines = dict(engines)
         self.default_max_tokens = default_max_tokens
         self.counters = counters or ServingCounters()
         self.max_image_bytes = max_image_bytes
+        self.max_waiting = max_waiting  # engine requests queued beyond this: 429
+        self.request_timeout_s = request_timeout_s
+        self.max_prompts = max_prompts
+        self._reserved: Counter[str] = Counter()  # engine requests planned, not yet submitted
 
     async def prepare(self, request: CompletionRequest) -> CompletionPlan:
         """Check everything a client could get wrong; raises `APIError`, submits nothing."""
@@ -75,6 +84,7 @@ class CompletionService:
         engine = self.engines.get(request.model)
         if engine is None:
             raise APIError.model_not_found(request.model)
+        self._check_limits(request, engine)
         if request.images and not engine.supports_images:
             raise APIError.invalid("model does not accept images", "images")
         if not engine.is_healthy:
@@ -116,8 +126,15 @@ class CompletionService:
             options=options,
             started_at=started_at,
         )
+        # Held until the engine has the requests; if the plan is dropped unrun (the
+        # client left first), its finalizer gives the places back.
+        count = sum(1 for p in plans if p.needs_engine)
+        self._reserved[request.model] += count
+        object.__setattr__(
+            plan, "reservation", weakref.finalize(plan, self._release, request.model, count)
+        )
         logger.info(
-            "completion %s: model=%s prompts=%d prompt_tokens=%d n=%d stream=%s user=%r",
+            "start id=%s model=%s prompts=%d prompt_tokens=%d n=%d stream=%s user=%r",
             plan.cmpl_id,
             plan.model,
             len(plan.prompts),
@@ -127,6 +144,29 @@ class CompletionService:
             request.user,
         )
         return plan
+
+    def _release(self, model: str, count: int) -> None:
+        self._reserved[model] -= count
+
+    def _check_limits(self, request: CompletionRequest, engine: EngineClient) -> None:
+        """Bounds on what one request may ask for, and on the queue (429 when full)."""
+        prompt = request.prompt
+        num_prompts = 1 if isinstance(prompt, str) or isinstance(prompt[0], int) else len(prompt)
+        if num_prompts > self.max_prompts:
+            raise APIError.invalid(
+                f"at most {self.max_prompts} prompts per request, got {num_prompts}", "prompt"
+            )
+        n = request.n or 1
+        if num_prompts * n > self.max_prompts:
+            raise APIError.invalid(
+                f"prompts x n is at most {self.max_prompts}, got {num_prompts} x {n}", "n"
+            )
+        # Requests checked but not yet handed to the engine count as waiting too:
+        # without them, a burst would pass this check all at once.
+        waiting = engine.stats().num_waiting_requests + self._reserved[request.model]
+        if waiting + num_prompts > self.max_waiting:
+            # A rough wait: the queue drains at a few requests per second on a CPU.
+            raise APIError.overloaded(retry_after_s=min(60, 1 + waiting // 8))
 
     async def _with_images(
         self,
@@ -178,12 +218,18 @@ class CompletionService:
             for prompt in plan.prompts
             if prompt.needs_engine
         ]
+        await asyncio.sleep(0)  # each task submits its engine request before its first wait
+        plan.reservation()
         try:
-            await _wait_all(tasks, is_disconnected)
+            async with asyncio.timeout(self.request_timeout_s):
+                await _wait_all(tasks, is_disconnected)
+        except TimeoutError:
+            raise _timed_out(plan, self.request_timeout_s) from None
         finally:
             await _cancel(tasks)
         for reason in choices.finish_reasons:
             self.counters.add_success(plan.model, reason)
+        _observe(self.counters, plan, choices)
         perf_metrics = _perf_metrics(plan, choices)
         body = completion_dict(
             plan.cmpl_id,
@@ -213,13 +259,20 @@ class CompletionService:
             for prompt in plan.prompts
             if prompt.needs_engine
         ]
+        await asyncio.sleep(0)  # each task submits its engine request before its first wait
+        plan.reservation()
         try:
             for prompt in plan.prompts:
                 for choice in choices.start(prompt):
                     yield self._chunk(plan, choice)
             num_running = len(tasks)
+            deadline = plan.started_at + self.request_timeout_s
             while num_running:
-                item = await queue.get()
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        item = await queue.get()
+                except TimeoutError:
+                    item = _timed_out(plan, self.request_timeout_s)
                 if item is None:
                     num_running -= 1
                     continue
@@ -237,6 +290,7 @@ class CompletionService:
                 )
             )
             yield SSE_DONE
+            _observe(self.counters, plan, choices)
         finally:
             await _cancel(tasks)
 
@@ -374,6 +428,45 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     # tasks are already cancelled and finish on their own.
     with suppress(asyncio.CancelledError):
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _observe(counters: ServingCounters, plan: CompletionPlan, choices: Choices) -> None:
+    """Latency histograms and the log line of one finished request (never its text)."""
+    total = time.monotonic() - plan.started_at
+    usage = choices.usage()
+    ttft = None if choices.first_token_at is None else choices.first_token_at - plan.started_at
+    logger.info(
+        "done id=%s model=%s status=200 stream=%s prompt_tokens=%d cached_tokens=%d "
+        "completion_tokens=%d ttft_s=%s total_s=%.3f finish=%s",
+        plan.cmpl_id,
+        plan.model,
+        plan.stream,
+        usage["prompt_tokens"],
+        usage["prompt_tokens_details"]["cached_tokens"],
+        usage["completion_tokens"],
+        "-" if ttft is None else f"{ttft:.3f}",
+        total,
+        ",".join(sorted(set(choices.finish_reasons))) or "-",
+    )
+    if ttft is None:
+        return
+    model = plan.model
+    counters.ttft.labels(model).observe(ttft)
+    counters.e2e.labels(model).observe(total)
+    itl = counters.itl.labels(model)
+    for gap in choices.token_gaps:
+        itl.observe(gap)
+
+
+def _timed_out(plan: CompletionPlan, limit: float) -> APIError:
+    logger.warning("completion %s: timed out after %.0fs", plan.cmpl_id, limit)
+    return APIError(
+        408,
+        f"The request took longer than the server's limit of {limit:.0f}s and was stopped.",
+        "timeout_error",
+        None,
+        "request_timeout",
+    )
 
 
 def _engine_failure(plan: CompletionPlan, detail: str) -> APIError:

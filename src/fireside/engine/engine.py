@@ -79,6 +79,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._dead = False
+        self._crash = False
         self._media = getattr(runner, "media", None)  # a vision projector, if any
         make_tokenizer = getattr(runner, "grammar_tokenizer", None)
         self.grammars = (
@@ -114,6 +115,17 @@ class Engine:
     @property
     def is_healthy(self) -> bool:
         return self._running and not self._dead
+
+    @property
+    def is_dead(self) -> bool:
+        """The engine thread failed: nothing more will run; the process should restart."""
+        return self._dead
+
+    def crash_for_test(self) -> None:
+        """Make the engine thread fail at its next step (tests of failure handling)."""
+        with self._cv:
+            self._crash = True
+            self._cv.notify()
 
     def tokenize(self, text: str) -> list[int]:
         return self.runner.tokenize(text)
@@ -185,11 +197,13 @@ class Engine:
             while True:
                 with self._cv:
                     while self._running and not (
-                        self._inbox or self._aborts or self.scheduler.has_work()
+                        self._inbox or self._aborts or self.scheduler.has_work() or self._crash
                     ):
                         self._cv.wait()
                     if not self._running:
                         break
+                    if self._crash:
+                        raise RuntimeError("engine crash requested by a test hook")
                     inbox, self._inbox = self._inbox, []
                     aborts, self._aborts = self._aborts, set()
                 self._accept(inbox)

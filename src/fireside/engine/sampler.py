@@ -30,6 +30,7 @@ from fireside.engine.types import SamplingParams
 _NUCLEUS_POOL = 1024
 _BLOCK = 256  # two-level inverse-CDF sampling: blocks of this many tokens
 _SCORE_BLOCK = 8  # logits rows scored at a time
+_FINITE = float(np.finfo(np.float32).max) / 4  # penalised logits stay well inside float32
 
 
 @dataclass
@@ -62,6 +63,8 @@ def sample_rows(
         if p.logit_bias or p.has_penalties:
             history = histories[i] if histories is not None else None
             process_row(logits[i], p, history)
+            if not np.isfinite(logits[i]).any():  # nothing left to choose from: keep the raw row
+                logits[i] = 0.0
 
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
     if greedy:
@@ -131,9 +134,11 @@ def process_row(row: np.ndarray, params: SamplingParams, history: History | None
     output = np.asarray(history.output, dtype=np.int64)
     if params.repetition_penalty != 1.0:
         seen = np.union1d(history.prompt_unique, output)
-        values = row[seen]
-        penalty = np.float32(params.repetition_penalty)
-        row[seen] = np.where(values > 0, values / penalty, values * penalty)
+        values = row[seen].astype(np.float64)
+        penalty = params.repetition_penalty
+        penalized = np.where(values > 0, values / penalty, values * penalty)
+        # A tiny penalty divides past float32's range: keep the ordering, stay finite.
+        row[seen] = np.clip(penalized, -_FINITE, _FINITE)
     if output.size and (params.frequency_penalty or params.presence_penalty):
         ids, counts = np.unique(output, return_counts=True)
         row[ids] -= counts * np.float32(params.frequency_penalty) + np.float32(

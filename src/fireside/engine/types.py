@@ -59,7 +59,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing float32 logits by the temperature overflows; the
+        # distribution is a point mass anyway (vLLM uses the same threshold).
+        return self.temperature < 1e-5
 
     @property
     def has_penalties(self) -> bool:
