@@ -33,6 +33,12 @@ def test_prompt_count_and_n_are_bounded(make_client):
     assert post(client, prompt=["a", "b"], n=2).status_code == 200
 
 
+def test_total_requested_tokens_are_bounded(make_client):
+    client = make_client(service_kwargs={"max_total_tokens": 100})
+    assert_error(post(client, prompt=["a", "b"], n=2, max_tokens=30), 400, "max_tokens")
+    assert post(client, prompt=["a", "b"], n=2, max_tokens=25).status_code == 200
+
+
 def test_a_request_past_the_time_limit_ends_with_an_error():
     engine = FakeEngine(hang=True)
     from fastapi.testclient import TestClient

@@ -68,6 +68,7 @@ class CompletionService:
         max_waiting: int = 256,
         request_timeout_s: float = 600.0,
         max_prompts: int = 128,
+        max_total_tokens: int = 2**20,
     ) -> None:
         self.engines = dict(engines)
         self.default_max_tokens = default_max_tokens
@@ -76,6 +77,7 @@ class CompletionService:
         self.max_waiting = max_waiting  # engine requests queued beyond this: 429
         self.request_timeout_s = request_timeout_s
         self.max_prompts = max_prompts
+        self.max_total_tokens = max_total_tokens  # generated tokens one request may ask for
         self._reserved: Counter[str] = Counter()  # engine requests planned, not yet submitted
 
     async def prepare(self, request: CompletionRequest) -> CompletionPlan:
@@ -163,6 +165,15 @@ class CompletionService:
             )
         # Requests checked but not yet handed to the engine count as waiting too:
         # without them, a burst would pass this check all at once.
+        requested = request.requested_max_tokens
+        max_tokens = self.default_max_tokens if requested is None else requested
+        total = num_prompts * n * min(max_tokens, engine.context_length)
+        if total > self.max_total_tokens:
+            raise APIError.invalid(
+                f"prompts x n x max_tokens may ask for at most {self.max_total_tokens} tokens, "
+                f"this asks for {total}",
+                "max_tokens",
+            )
         waiting = engine.stats().num_waiting_requests + self._reserved[request.model]
         if waiting + num_prompts > self.max_waiting:
             # A rough wait: the queue drains at a few requests per second on a CPU.
