@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,9 @@ from fireside.engine.types import (
 from fireside.runner.base import Batch, KVCacheFull, Runner
 
 log = logging.getLogger(__name__)
+
+# Consecutive failed steps after which the engine counts as broken and stops.
+_MAX_FAILED_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Engine:
         self._running = False
         self._dead = False
         self._crash = False
+        self._failed_steps = 0  # consecutive
         self._media = getattr(runner, "media", None)  # a vision projector, if any
         make_tokenizer = getattr(runner, "grammar_tokenizer", None)
         self.grammars = (
@@ -217,19 +221,26 @@ class Engine:
 
     def _accept(self, inbox: list[RequestState]) -> None:
         for state in inbox:
-            if state.params.max_tokens == 0 and state.params.prompt_logprobs is None:
-                # Nothing to generate: answer at once without touching the model.
-                for s in state.seqs:
-                    s.finish_reason = FinishReason.LENGTH
-                self._emit([(state, self._output(state))])
-                _close_media(state)
-                continue
-            if state.params.grammar is not None:
-                assert self.grammars is not None  # compile_grammar said so
-                for s in state.seqs:
-                    s.matcher = self.grammars.matcher(state.params.grammar)
-            self._states[state.request_id] = state
-            self.scheduler.add(state)
+            try:
+                self._accept_one(state)
+            except Exception:
+                log.exception("request %s could not be accepted", state.request_id)
+                self._fail_groups([state])
+
+    def _accept_one(self, state: RequestState) -> None:
+        if state.params.max_tokens == 0 and state.params.prompt_logprobs is None:
+            # Nothing to generate: answer at once without touching the model.
+            for s in state.seqs:
+                s.finish_reason = FinishReason.LENGTH
+            self._emit([(state, self._output(state))])
+            _close_media(state)
+            return
+        if state.params.grammar is not None:
+            assert self.grammars is not None  # compile_grammar said so
+            for s in state.seqs:
+                s.matcher = self.grammars.matcher(state.params.grammar)
+        self._states[state.request_id] = state
+        self.scheduler.add(state)
 
     def _abort(self, request_ids: set[str]) -> None:
         for rid in request_ids:
@@ -254,6 +265,31 @@ class Engine:
             with self._cv:
                 self._cv.wait(0.005)
             return
+        try:
+            self._run(chunks)
+        except Exception:
+            # Fail the requests of this step, not the server: the next steps run
+            # without them. Failing again and again means the engine itself is broken.
+            self._failed_steps += 1
+            if self._failed_steps >= _MAX_FAILED_STEPS:
+                raise
+            log.exception("an engine step failed; failing its requests")
+            self._fail_groups({id(c.seq.group): c.seq.group for c in chunks}.values())
+        else:
+            self._failed_steps = 0
+
+    def _fail_groups(self, groups: Iterable[RequestState]) -> None:
+        outputs = []
+        for group in groups:
+            self._states.pop(group.request_id, None)
+            self.scheduler.remove_request(group, keep=False)  # its KV may be half-written
+            _close_media(group)
+            outputs.append(
+                (group, RequestOutput(group.request_id, finished=True, error="engine step failed"))
+            )
+        self._emit(outputs)
+
+    def _run(self, chunks: list[Chunk]) -> None:
         batch = Batch()
         to_sample: list[tuple[Chunk, int]] = []  # chunk, its logits row
         scored: list[tuple[Chunk, int, int, int]] = []  # chunk, first position, count, first row

@@ -125,10 +125,10 @@ class Scheduler:
                 self._drop(slot)
         seq.num_computed = 0
 
-    def remove_request(self, state: RequestState) -> None:
-        """Forget a request entirely (finished or aborted)."""
+    def remove_request(self, state: RequestState, keep: bool = True) -> None:
+        """Forget a request entirely (finished, aborted, or failed: then keep=False)."""
         for s in state.seqs:
-            self.free(s)
+            self.free(s, keep)
         if state in self.waiting:
             self.waiting.remove(state)
         for s in state.seqs:
