@@ -5,7 +5,9 @@
     fireside bench --url ... --shared-prefix-tokens 1000 --prompt-tokens 30 --concurrency 8
 
 Every request streams (one event per token on the servers measured here) and
-sets ignore_eos, so each produces exactly --output-tokens. Prompts are built
+sets ignore_eos, so each produces exactly --output-tokens. `--logprobs N`,
+`--echo` (prompt scoring) and `--constrained` (a JSON schema) measure what
+those features cost. Prompts are built
 from common English words, about one token each; the tokens really sent are
 reported from the servers' usage when they give it. Reports output tok/s,
 requests/s, time to first token and inter-token latency percentiles.
@@ -38,6 +40,17 @@ _WORDS = (
 ).split()
 
 
+# At least eight paragraphs: a constrained generation stays open for 128 tokens.
+STORY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "paragraphs": {"type": "array", "items": {"type": "string"}, "minItems": 8},
+    },
+    "required": ["title", "paragraphs"],
+}
+
+
 @dataclass
 class Workload:
     concurrency: int = 16
@@ -49,6 +62,7 @@ class Workload:
     ignore_eos: bool = True
     temperature: float = 0.0
     seed: int = 0  # of the prompt text
+    extra: dict[str, Any] = field(default_factory=dict)  # more request fields (logprobs...)
 
     def prompts(self) -> list[str]:
         rng = random.Random(self.seed)
@@ -127,6 +141,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) 
         "n": w.n,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **w.extra,
     }
     result = _Result()
     started = time.perf_counter()
@@ -200,10 +215,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-ignore-eos", dest="ignore_eos", action="store_false", help="stop at end of text"
     )
+    parser.add_argument("--logprobs", type=int, default=None, help="alternatives per token")
+    parser.add_argument("--echo", action="store_true", help="echo (scored with --logprobs)")
+    parser.add_argument(
+        "--constrained", action="store_true", help="response_format: STORY_SCHEMA (JSON)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
+    extra: dict[str, Any] = {}
+    if args.logprobs is not None:
+        extra["logprobs"] = args.logprobs
+    if args.echo:
+        extra["echo"] = True
+    if args.constrained:
+        extra["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "story", "schema": STORY_SCHEMA},
+        }
     w = Workload(
         concurrency=args.concurrency,
         requests=args.requests,
@@ -213,6 +243,7 @@ def main(args: argparse.Namespace) -> int:
         n=args.n,
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
+        extra=extra,
     )
     report = asyncio.run(run(args.url, args.model, w, args.api_key))
     summary = report.summary()
