@@ -176,13 +176,20 @@ def common_prefix(
     hi = min(len(a), len(b), limit)
     if hi <= 0 or a[0] != b[0]:
         return 0
-    if tuple(a[:hi]) == tuple(b[:hi]):
+    if _same(a, b, hi):
         return hi
     lo = 1  # a[:lo] == b[:lo] holds; a[:hi] == b[:hi] does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if tuple(a[:mid]) == tuple(b[:mid]):
+        if _same(a, b, mid):
             lo = mid
         else:
             hi = mid
     return lo
+
+
+def _same(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int], n: int) -> bool:
+    x, y = a[:n], b[:n]
+    if type(x) is not type(y):  # a list never equals a tuple
+        return tuple(x) == tuple(y)
+    return x == y

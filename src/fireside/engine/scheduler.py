@@ -249,6 +249,8 @@ class Scheduler:
             take(s)
         while self.waiting and budget > 0:
             item = self.waiting[0]
+            if not self._may_start(item):
+                break  # checked before the prefix lookup, which costs more
             hit = self._lookup(item)
             if not self._make_room(item, hit):
                 break
@@ -289,18 +291,24 @@ class Scheduler:
             return None
         return _Hit(src, best, entry)
 
+    def _may_start(self, item: RequestState | Sequence) -> bool:
+        """Whether running-sequence limits let the item start at all this step."""
+        num_running = len(self.running)
+        return not num_running or num_running + self._slots(item) <= self.config.max_running
+
+    @staticmethod
+    def _slots(item: RequestState | Sequence) -> int:
+        if isinstance(item, RequestState):
+            return len([s for s in item.seqs if not s.is_finished])
+        return 1
+
     def _make_room(self, item: RequestState | Sequence, hit: _Hit | None) -> bool:
         """Whether the item can start now, evicting cached prefixes if that is what it takes."""
-        if isinstance(item, RequestState):
-            slots = len([s for s in item.seqs if not s.is_finished])
-            cells = item.num_prompt
-        else:
-            slots, cells = 1, len(item.tokens)
+        slots = self._slots(item)
+        cells = item.num_prompt if isinstance(item, RequestState) else len(item.tokens)
         cells -= hit.length if hit is not None else 0
         keep = hit.src if hit is not None else None
         num_running = len(self.running)
-        if num_running and num_running + slots > self.config.max_running:
-            return False
         while slots > len(self._free_slots):
             if not self._evict_one(keep):
                 return False
