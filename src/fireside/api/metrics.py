@@ -8,7 +8,7 @@ its registry, so two apps in one process (tests) never share counters.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fireside.engine.client import EngineClient
+from fireside.engine.types import EngineStats
 
 _MODEL = "model_name"
 
@@ -62,92 +63,102 @@ class ServingCounters:
         self.successes[(model, finish_reason)] += 1
 
 
+def _kv_usage(stats: EngineStats) -> float:
+    total = stats.num_kv_cells_total
+    return stats.num_kv_cells_used / total if total else 0.0
+
+
+# Per-engine metrics read from EngineStats at scrape time: (family, name, help, value).
+_ENGINE_METRICS: list[tuple[type, str, str, Callable[[EngineStats], float]]] = [
+    (
+        GaugeMetricFamily,
+        "fireside:num_requests_running",
+        "Sequences running in the engine.",
+        lambda s: s.num_running_seqs,
+    ),
+    (
+        GaugeMetricFamily,
+        "fireside:num_requests_waiting",
+        "Requests waiting to be scheduled.",
+        lambda s: s.num_waiting_requests,
+    ),
+    (
+        GaugeMetricFamily,
+        "fireside:kv_cache_usage_perc",
+        "Fraction of KV cache cells in use.",
+        _kv_usage,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:prefill_tokens_computed",
+        "Prompt tokens run through the model (prefix-cache hits and forks excluded).",
+        lambda s: s.prefill_tokens_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:generation_tokens",
+        "Tokens generated.",
+        lambda s: s.generated_tokens_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+        lambda s: s.prefix_cache_queries_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:prefix_cache_hits",
+        "Prompt tokens found in the prefix cache (not computed again).",
+        lambda s: s.prefix_cache_hits_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:request_aborts",
+        "Engine requests stopped early (client disconnected, timeout).",
+        lambda s: s.requests_aborted_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:grammar_masks",
+        "Token masks computed for constrained (response_format) sequences.",
+        lambda s: s.grammar_masks_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:grammar_mask_seconds",
+        "Seconds spent computing and applying those masks.",
+        lambda s: s.grammar_mask_seconds_total,
+    ),
+]
+
+
 class FiresideCollector(Collector):
     def __init__(self, engines: Mapping[str, EngineClient], counters: ServingCounters) -> None:
         self._engines = engines
         self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
-        running = GaugeMetricFamily(
-            "fireside:num_requests_running", "Sequences running in the engine.", labels=[_MODEL]
-        )
-        waiting = GaugeMetricFamily(
-            "fireside:num_requests_waiting", "Requests waiting to be scheduled.", labels=[_MODEL]
-        )
-        kv_usage = GaugeMetricFamily(
-            "fireside:kv_cache_usage_perc", "Fraction of KV cache cells in use.", labels=[_MODEL]
-        )
-        prefill = CounterMetricFamily(
-            "fireside:prefill_tokens_computed",
-            "Prompt tokens run through the model (prefix-cache hits and forks excluded).",
-            labels=[_MODEL],
-        )
-        generated = CounterMetricFamily(
-            "fireside:generation_tokens", "Tokens generated.", labels=[_MODEL]
-        )
+        stats = {model: engine.stats() for model, engine in self._engines.items()}
+        for family, name, help_text, value in _ENGINE_METRICS:
+            metric = family(name, help_text, labels=[_MODEL])
+            for model, s in stats.items():
+                metric.add_metric([model], value(s))
+            yield metric
         prompt = CounterMetricFamily(
             "fireside:prompt_tokens", "Prompt tokens submitted.", labels=[_MODEL]
         )
-        cache_queries = CounterMetricFamily(
-            "fireside:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            labels=[_MODEL],
-        )
-        cache_hits = CounterMetricFamily(
-            "fireside:prefix_cache_hits",
-            "Prompt tokens found in the prefix cache (not computed again).",
-            labels=[_MODEL],
-        )
-        aborts = CounterMetricFamily(
-            "fireside:request_aborts",
-            "Engine requests stopped early (client disconnected, timeout).",
-            labels=[_MODEL],
-        )
-        masks = CounterMetricFamily(
-            "fireside:grammar_masks",
-            "Token masks computed for constrained (response_format) sequences.",
-            labels=[_MODEL],
-        )
-        mask_seconds = CounterMetricFamily(
-            "fireside:grammar_mask_seconds",
-            "Seconds spent computing and applying those masks.",
-            labels=[_MODEL],
-        )
+        for model in self._engines:
+            prompt.add_metric([model], self._counters.prompt_tokens[model])
+        yield prompt
         successes = CounterMetricFamily(
             "fireside:request_success",
             "Choices finished, by finish reason.",
             labels=[_MODEL, "finished_reason"],
         )
-        for model, engine in self._engines.items():
-            stats = engine.stats()
-            used, total = stats.num_kv_cells_used, stats.num_kv_cells_total
-            running.add_metric([model], stats.num_running_seqs)
-            waiting.add_metric([model], stats.num_waiting_requests)
-            kv_usage.add_metric([model], used / total if total else 0.0)
-            prefill.add_metric([model], stats.prefill_tokens_total)
-            generated.add_metric([model], stats.generated_tokens_total)
-            prompt.add_metric([model], self._counters.prompt_tokens[model])
-            cache_queries.add_metric([model], stats.prefix_cache_queries_total)
-            cache_hits.add_metric([model], stats.prefix_cache_hits_total)
-            aborts.add_metric([model], stats.requests_aborted_total)
-            masks.add_metric([model], stats.grammar_masks_total)
-            mask_seconds.add_metric([model], stats.grammar_mask_seconds_total)
         for (model, reason), count in sorted(self._counters.successes.items()):
             successes.add_metric([model, reason], count)
-        yield from (
-            running,
-            waiting,
-            kv_usage,
-            prefill,
-            generated,
-            prompt,
-            cache_queries,
-            cache_hits,
-            aborts,
-            masks,
-            mask_seconds,
-            successes,
-        )
+        yield successes
 
 
 def make_registry(
