@@ -9,7 +9,7 @@ import numpy as np
 from fireside.engine.engine import Engine, EngineConfig
 from fireside.engine.types import EngineRequest, SamplingParams
 from fireside.runner.base import Batch
-from tests.engine.test_engine_preemption import FakeRunner
+from tests.fakes import FakeRunner
 
 POISON = 13
 

@@ -8,81 +8,13 @@ Unit tests of the bookkeeping, not evidence about a model.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 
-import numpy as np
 import pytest
 
 from fireside.engine.engine import Engine, EngineConfig
 from fireside.engine.kv import KVLedger, common_prefix
 from fireside.engine.types import EngineRequest, SamplingParams
-from fireside.runner.base import Batch, KVCacheFull
-
-
-class CellRunner:
-    vocab_size = 64
-    n_ctx_train = 4096
-    n_batch = 64
-    n_seq_max = 64
-    add_bos = False
-
-    def __init__(self, n_ctx: int = 512) -> None:
-        self.n_ctx = n_ctx
-        self.cells: list[tuple[int, int, set[int]] | None] = [None] * n_ctx  # pos, token, seqs
-        self.ledger: KVLedger | None = None  # checked against our cells before every batch
-
-    @property
-    def used(self) -> int:
-        return sum(1 for c in self.cells if c is not None)
-
-    def tokenize(self, text: str) -> list[int]:
-        return [3 + ord(c) % 60 for c in text]
-
-    def token_bytes(self, token: int) -> bytes:
-        return b"x"
-
-    def is_eog(self, token: int) -> bool:
-        return False
-
-    def detokenize(self, token_ids) -> str:
-        return "x" * len(token_ids)
-
-    def forward(self, batch: Batch) -> np.ndarray:
-        if self.ledger is not None:
-            assert self.ledger.used == self.used, "ledger and cache disagree"
-        free = [i for i, c in enumerate(self.cells) if c is None]
-        if len(free) < len(batch):
-            raise KVCacheFull()
-        rows = []
-        for i, (tok, pos, seq, want) in enumerate(
-            zip(batch.tokens, batch.positions, batch.seq_ids, batch.want_logits, strict=True)
-        ):
-            self.cells[free[i]] = (pos, tok, {seq})
-            if want:
-                seen = sorted(
-                    (p, t)
-                    for c in self.cells
-                    if c and seq in c[2] and c[0] <= pos
-                    for p, t in [(c[0], c[1])]
-                )
-                assert [p for p, _ in seen] == list(range(pos + 1)), "a hole or a duplicate"
-                digest = hashlib.sha256(repr(seen).encode()).digest()
-                row = np.zeros(self.vocab_size, dtype=np.float32)
-                row[3 + digest[0] % 60] = 10.0
-                rows.append(row)
-        return np.array(rows, dtype=np.float32).reshape(len(rows), self.vocab_size)
-
-    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
-        for i, c in enumerate(self.cells):
-            if c is not None and seq_id in c[2]:
-                c[2].discard(seq_id)
-                if not c[2]:
-                    self.cells[i] = None
-
-    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
-        for c in self.cells:
-            if c is not None and src in c[2] and start <= c[0] < end:
-                c[2].add(dst)
+from tests.fakes import CellRunner
 
 
 def make_engine(n_ctx: int = 2048, cache_entries: int = 8, **kwargs) -> tuple[Engine, CellRunner]:

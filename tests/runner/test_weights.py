@@ -28,3 +28,12 @@ def test_conversion_happens_once_and_is_cached(tmp_path):
     again = weights.convert(EMBEDDED, "q8_0", tmp_path, threads=1, say=said.append)
     assert again == first and os.stat(again).st_mtime_ns == mtime and len(said) == 2
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first)]  # no leftovers
+
+
+def test_the_default_serves_the_file_as_given():
+    """Issue 11: converting by default changed the model's numbers."""
+    from fireside.config import ServeConfig
+    from fireside.server import weights_path
+
+    assert ServeConfig().weights == "original"
+    assert weights_path(ServeConfig(), EMBEDDED) == EMBEDDED

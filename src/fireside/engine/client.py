@@ -12,6 +12,7 @@ from fireside.engine.types import (
     PromptImage,
     RequestOutput,
 )
+from fireside.runner.base import TokenizerInfo
 
 
 class EngineClient(Protocol):
@@ -32,16 +33,23 @@ class EngineClient(Protocol):
         """False while loading and after the engine thread died."""
         ...
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of a prompt string, with the model's BOS if it uses one."""
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of a prompt string, special tokens parsed; with `add_special`, the
+        model's BOS if it uses one."""
         ...
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        """Text of token ids (invalid UTF-8 replaced)."""
+    def tokenizer_info(self) -> TokenizerInfo:
+        """The tokenizer's special tokens and chat template."""
         ...
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token renders to (may be part of a multi-byte character)."""
+    def detokenize(self, token_ids: Sequence[int], special: bool = False) -> str:
+        """Text of token ids (invalid UTF-8 replaced); with `special`, control tokens
+        render as their text (`<|im_start|>`) instead of nothing."""
+        ...
+
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        """The bytes one token renders to (may be part of a multi-byte character);
+        `special` as in detokenize."""
         ...
 
     @property

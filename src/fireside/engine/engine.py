@@ -33,7 +33,7 @@ from fireside.engine.types import (
     SampleDelta,
     TokenLogprob,
 )
-from fireside.runner.base import Batch, KVCacheFull, Runner
+from fireside.runner.base import Batch, KVCacheFull, Runner, TokenizerInfo
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,12 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, background: bool = True) -> None:
+        """Start taking requests; without `background`, the caller steps with `run_once`."""
         self._running = True
-        self._thread = threading.Thread(target=self._loop, name="fireside-engine", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="fireside-engine", daemon=True)
+            self._thread.start()
 
     def shutdown(self) -> None:
         with self._cv:
@@ -131,14 +133,17 @@ class Engine:
             self._crash = True
             self._cv.notify()
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.runner.tokenize(text)
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        return self.runner.tokenize(text, add_special)
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return self.runner.detokenize(token_ids)
+    def tokenizer_info(self) -> TokenizerInfo:
+        return self.runner.tokenizer_info()
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self.runner.token_bytes(token_id)
+    def detokenize(self, token_ids: Sequence[int], special: bool = False) -> str:
+        return self.runner.detokenize(token_ids, special)
+
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        return self.runner.token_bytes(token_id, special)
 
     @property
     def supports_images(self) -> bool:
@@ -208,16 +213,21 @@ class Engine:
                         break
                     if self._crash:
                         raise RuntimeError("engine crash requested by a test hook")
-                    inbox, self._inbox = self._inbox, []
-                    aborts, self._aborts = self._aborts, set()
-                self._accept(inbox)
-                self._abort(aborts)
-                if self.scheduler.has_work():
-                    self.step()
+                self.run_once()
         except Exception:
             log.exception("engine thread failed")
             self._dead = True
             self._fail_all("the engine failed; the request could not be completed")
+
+    def run_once(self) -> None:
+        """Take new requests and aborts, then run one step if there is work."""
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        self._accept(inbox)
+        self._abort(aborts)
+        if self.scheduler.has_work():
+            self.step()
 
     def _accept(self, inbox: list[RequestState]) -> None:
         for state in inbox:
@@ -262,6 +272,7 @@ class Engine:
     def step(self) -> None:
         chunks = self.scheduler.schedule()
         if not chunks:
+            # Only a waiting request that needs more sequence slots than exist gets here.
             with self._cv:
                 self._cv.wait(0.005)
             return

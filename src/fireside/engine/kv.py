@@ -82,6 +82,26 @@ class KVLedger:
             del seg.ends[holder]
             self.used -= before - seg.cells
 
+    def truncate(self, holder: int, length: int) -> None:
+        """The holder's id was removed from its cells at positions >= length."""
+        h = self._holders.get(holder)
+        if h is None or length >= h.end:
+            return
+        kept = []
+        for seg in h.segments:
+            before = seg.cells
+            if seg.start >= length:
+                del seg.ends[holder]
+            else:
+                seg.ends[holder] = min(seg.ends[holder], length)
+                kept.append(seg)
+            self.used -= before - seg.cells
+        h.segments = kept
+        h.end = length
+        # Cells it computes from now on start a new segment: others may still reach
+        # past `length` in the old one, with other tokens than the ones it will add.
+        h.owns_last = False
+
     def cells_of(self, holders: set[int]) -> int:
         """Cells in use by these holders (shared ones counted once)."""
         seen: dict[int, int] = {}

@@ -74,11 +74,11 @@ class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
-        release: Callable[[int], None],
+        release: Callable[[int, int], None],
         copy: Callable[[int, int, int], None],
     ) -> None:
         self.config = config
-        self._release = release  # drops a sequence id's cells in the runner
+        self._release = release  # (slot, start): drops a sequence id's cells from start on
         self._copy = copy  # (src, dst, length): dst shares src's first cells
         self._free_slots = list(range(config.num_slots - 1, -1, -1))
         # Waiting work, oldest first: new requests and preempted sequences.
@@ -148,12 +148,19 @@ class Scheduler:
                 self._preempt(self._newest(active))
 
     def _drop(self, slot: int) -> None:
-        self._release(slot)
+        self._release(slot, 0)
         self.ledger.drop(slot)
         self._free_slots.append(slot)
 
     def _cache_kv(self, seq: Sequence, slot: int) -> bool:
-        """Keep a finished sequence's KV in the prefix cache; False if not worth it."""
+        """Keep a finished sequence's KV in the prefix cache; False if not worth it.
+
+        The cache is bounded by entries and by idle cells (cells no running
+        sequence reaches): older entries go first, and an entry that alone is
+        over the bound keeps only its first cells (a prefix is what later
+        prompts can share). Cached cells are never a reason to refuse work:
+        admission and prompt chunks evict them when they need the room.
+        """
         cache = self.cache
         length = self.ledger.end(slot)
         if not cache.max_entries or length < self.config.min_cache_hit:
@@ -162,14 +169,22 @@ class Scheduler:
         # The other samples of an n > 1 request share this prompt: one entry is enough.
         if cache.covers(tokens[: min(length, seq.num_prompt)]):
             return False
-        for entry in cache.add(slot, tokens):
-            self._drop(entry.slot)
+        for redundant in cache.add(slot, tokens):
+            self._drop(redundant.slot)
+        entry = cache.entries[-1]
         while len(cache.entries) > cache.max_entries or (
             len(cache.entries) > 1 and self._idle_cache_cells() > self.config.cache_cells
         ):
-            lru = cache.pop_lru()
-            assert lru is not None
-            self._drop(lru.slot)
+            self._evict_one(keep=slot)
+        excess = self._idle_cache_cells() - self.config.cache_cells
+        if excess > 0:
+            keep = length - excess
+            if keep < self.config.min_cache_hit:
+                cache.entries.remove(entry)
+                return False
+            self._release(slot, keep)
+            self.ledger.truncate(slot, keep)
+            entry.tokens = tokens[:keep]
         return True
 
     def _idle_cache_cells(self) -> int:
@@ -196,6 +211,26 @@ class Scheduler:
         return self.config.kv_capacity - self.ledger.used - self._pending
 
     def schedule(self) -> list[Chunk]:
+        """The next step's chunks; empty only when there is no work at all.
+
+        Every step makes progress: when nothing fits, cached prefixes are
+        evicted, then the newest of several running sequences is preempted,
+        until something does.
+        """
+        for _ in range(2 * self.config.num_slots + 2):  # each pass frees a slot or an entry
+            chunks = self._schedule()
+            if chunks or not self.has_work():
+                return chunks
+            active = [s for s in self.running if self._is_active(s)]
+            if self._evict_one():
+                continue
+            if len(active) > 1:
+                self._preempt(self._newest(active))
+                continue
+            break
+        return []  # nothing to free: a sequence no KV size can hold
+
+    def _schedule(self) -> list[Chunk]:
         budget = self.config.token_budget
         chunks: list[Chunk] = []
         self._pending = 0
@@ -225,7 +260,13 @@ class Scheduler:
         def take(s: Sequence) -> None:
             nonlocal budget, scored_rows
             image = None
-            n = min(s.num_pending, budget, self._free_cells())
+            want = min(s.num_pending, budget)
+            for span in s.group.spans:
+                if span.start == s.num_computed:
+                    want = span.num_pos  # an image needs room for all of it
+            while want > self._free_cells() and self._evict_one():
+                pass  # running work comes before cached prefixes
+            n = min(want, self._free_cells())
             for span in s.group.spans:
                 if span.start == s.num_computed:  # an image goes in whole, or not at all
                     image = span

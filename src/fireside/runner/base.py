@@ -36,6 +36,23 @@ class Batch:
         return sum(self.want_logits)
 
 
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer's special tokens and chat template, named as Hugging Face's
+    tokenizer_config.json names them (for clients that tokenize through the server)."""
+
+    bos_token: str | None  # the token's text; None when the model has none
+    eos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool  # tokenizing with special tokens adds BOS
+    add_eos_token: bool
+    chat_template: str | None  # Jinja, from the model file; None when it has none
+
+
+class LoadError(RuntimeError):
+    """A model or its context could not be set up: a start-up error, said plainly."""
+
+
 class KVCacheFull(Exception):
     """The KV cache had no room for the batch; nothing was computed."""
 
@@ -50,12 +67,18 @@ class Runner(Protocol):
     n_seq_max: int  # sequence ids are in [0, n_seq_max)
     add_bos: bool
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of text, special tokens parsed, BOS added if the model uses it."""
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of text, special tokens parsed; with `add_special`, BOS (and EOS)
+        added if the model uses them."""
         ...
 
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes a token renders to in generated text (control tokens render empty)."""
+    def tokenizer_info(self) -> TokenizerInfo:
+        """Special tokens and chat template (read on demand: nothing in a step needs it)."""
+        ...
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token renders to: in generated text control tokens render empty;
+        with `special` (an echoed prompt) they render as their text, e.g. `<|im_start|>`."""
         ...
 
     def is_eog(self, token: int) -> bool:
@@ -82,6 +105,6 @@ class Runner(Protocol):
         """Make dst share src's cells in [start, end) (metadata only in a unified cache)."""
         ...
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        """Text of a token list, invalid UTF-8 replaced."""
+    def detokenize(self, token_ids: Sequence[int], special: bool = False) -> str:
+        """Text of a token list, invalid UTF-8 replaced; `special` as in token_bytes."""
         ...

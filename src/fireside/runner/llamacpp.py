@@ -18,7 +18,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
-from fireside.runner.base import Batch, KVCacheFull
+from fireside.runner.base import Batch, KVCacheFull, LoadError, TokenizerInfo
 from fireside.runner.media import Media
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,26 @@ class LlamaCppConfig:
     # free. False gives each sequence its own n_ctx / n_seq_max cells (for measuring).
     kv_unified: bool = True
     mmproj_path: str | None = None  # a vision projector (libmtmd): the model accepts images
+
+
+def context_shape(config: LlamaCppConfig) -> tuple[int, int]:
+    """The n_ctx and n_batch to ask llama.cpp for, so that it never aborts.
+
+    llama.cpp reserves outputs for at least one row per sequence id and asserts
+    that its batch (n_batch, cut to n_ctx) holds them: with 160 sequence ids,
+    `--ctx-size 150` or `--batch-size 128` aborted the process. The batch
+    llama.cpp allocates is therefore at least n_seq_max (the scheduler still
+    sends at most `--batch-size` tokens a step), and so is the context. llama.cpp
+    rounds the context up to a multiple of 256 cells but cuts the batch to the
+    context asked for, so the rounding is done here, first. The caller reports
+    any change from what was asked (`LlamaCppRunner.n_ctx`).
+    """
+    n_batch = max(config.n_batch, config.n_seq_max)
+    n_ctx = -(-max(config.n_ctx, config.n_seq_max) // _KV_PAD) * _KV_PAD
+    return n_ctx, min(n_batch, n_ctx)
+
+
+_KV_PAD = 256  # llama.cpp allocates KV cells in multiples of this
 
 
 def available_cores() -> int:
@@ -90,17 +110,16 @@ class LlamaCppRunner:
             mparams.progress_callback = self._progress_cb
         model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), mparams)
         if not model:
-            raise RuntimeError(f"could not load model {config.model_path}")
+            raise LoadError(f"llama.cpp could not load the model {config.model_path}")
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
 
         n_threads = config.n_threads or available_cores()
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.n_batch
-        cparams.n_ubatch = (
-            config.n_batch
-        )  # one ubatch per call: a failed call leaves no partial state
+        n_ctx, n_batch = context_shape(config)
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch  # one ubatch per call: a failed call leaves no partial state
         cparams.n_seq_max = config.n_seq_max
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
@@ -114,7 +133,10 @@ class LlamaCppRunner:
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)
-            raise RuntimeError("could not create a llama.cpp context")
+            raise LoadError(
+                f"llama.cpp could not create a context of {n_ctx} KV cells "
+                "(--ctx-size; not enough memory?)"
+            )
         self._ctx = ctx
         self._mem = llama_cpp.llama_get_memory(ctx)
 
@@ -126,6 +148,12 @@ class LlamaCppRunner:
         self.n_seq_max = llama_cpp.llama_n_seq_max(ctx)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._pieces = [self._piece(t) for t in range(self.vocab_size)]
+        # Control tokens render empty in generated text and as their text in an echo.
+        self._special_pieces = {
+            t: piece
+            for t in range(self.vocab_size)
+            if not self._pieces[t] and (piece := self._piece(t, special=True))
+        }
         self._eog = np.array(
             [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.vocab_size)]
         )
@@ -142,30 +170,50 @@ class LlamaCppRunner:
 
     # -- model facts -------------------------------------------------------
 
-    def _piece(self, token: int) -> bytes:
+    def _piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
-    def token_bytes(self, token: int) -> bytes:
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        if special:
+            return self._special_pieces.get(token) or self._pieces[token]
         return self._pieces[token]
 
     def is_eog(self, token: int) -> bool:
         return bool(self._eog[token])
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 2
         buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, True)
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, True)
         if n < 0:
             capacity = -n
             buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, True, True)
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, add_special, True
+            )
         return list(buf[:n])
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        def text(token: int) -> str | None:
+            if not 0 <= token < self.vocab_size:  # LLAMA_TOKEN_NULL: the model has none
+                return None
+            return self._piece(token, special=True).decode("utf-8", "replace")
+
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return TokenizerInfo(
+            bos_token=text(llama_cpp.llama_vocab_bos(self._vocab)),
+            eos_token=text(llama_cpp.llama_vocab_eos(self._vocab)),
+            pad_token=text(llama_cpp.llama_vocab_pad(self._vocab)),
+            add_bos_token=self.add_bos,
+            add_eos_token=bool(llama_cpp.llama_vocab_get_add_eos(self._vocab)),
+            chat_template=template.decode("utf-8", "replace") if template else None,
+        )
 
     def grammar_tokenizer(self) -> Any:
         """llguidance's tokenizer for this vocabulary (~0.2 s to build)."""
@@ -173,9 +221,9 @@ class LlamaCppRunner:
 
         return lltokenizer_from_vocab(self._vocab)
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
+    def detokenize(self, token_ids: Sequence[int], special: bool = False) -> str:
         # Negative ids are image positions (runner.media): they render as nothing.
-        data = b"".join(self._pieces[t] for t in token_ids if t >= 0)
+        data = b"".join(self.token_bytes(t, special) for t in token_ids if t >= 0)
         return data.decode("utf-8", "replace")
 
     # -- compute -----------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Fake runners for unit tests of the engine and scheduler (never evidence about a model)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from fireside.engine.kv import KVLedger
+from fireside.runner.base import Batch, KVCacheFull
+
+
+class FakeRunner:
+    """Logits that always favour token 7; cells counted per sequence id, without sharing."""
+
+    vocab_size = 50
+    n_ctx = 64
+    n_ctx_train = 64
+    n_batch = 32
+    n_seq_max = 8
+    add_bos = False
+
+    def __init__(self) -> None:
+        self.cells: dict[int, set[int]] = {}
+
+    def tokenize(self, text: str) -> list[int]:
+        return [3 + ord(c) % 40 for c in text]
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        return b"x"
+
+    def is_eog(self, token: int) -> bool:
+        return token == 0
+
+    def detokenize(self, token_ids, special: bool = False) -> str:
+        return "x" * len(token_ids)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        assert 0 < len(batch) <= self.n_batch
+        for pos, seq in zip(batch.positions, batch.seq_ids, strict=True):
+            self.cells.setdefault(seq, set()).add(pos)
+        used = len({(s, p) for s, ps in self.cells.items() for p in ps})
+        assert used <= self.n_ctx * 2  # forks may share; the scheduler's own count is checked below
+        logits = np.zeros((batch.num_logits, self.vocab_size), dtype=np.float32)
+        logits[:, 7] = 1.0  # never end-of-generation
+        return logits
+
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        self.cells.pop(seq_id, None)
+
+    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
+        self.cells[dst] = {p for p in self.cells.get(src, set()) if start <= p < end}
+
+
+class CellRunner:
+    """Like llama.cpp's unified cache: cells tagged with sequence ids, shared by seq_cp,
+    freed when their last id goes. The next token depends on every (position, token)
+    the sequence can see, so a fork of the wrong length or from the wrong sequence
+    changes the output. With `ledger` set, every batch first checks that the
+    scheduler's count of used cells equals the cells really used.
+    """
+
+    vocab_size = 64
+    n_ctx_train = 4096
+    n_batch = 64
+    n_seq_max = 64
+    add_bos = False
+
+    def __init__(self, n_ctx: int = 512) -> None:
+        self.n_ctx = n_ctx
+        self.cells: list[tuple[int, int, set[int]] | None] = [None] * n_ctx  # pos, token, seqs
+        self.ledger: KVLedger | None = None  # checked against our cells before every batch
+
+    @property
+    def used(self) -> int:
+        return sum(1 for c in self.cells if c is not None)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [3 + ord(c) % 60 for c in text]
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        return b"x"
+
+    def is_eog(self, token: int) -> bool:
+        return False
+
+    def detokenize(self, token_ids, special: bool = False) -> str:
+        return "x" * len(token_ids)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        if self.ledger is not None:
+            assert self.ledger.used == self.used, "ledger and cache disagree"
+        free = [i for i, c in enumerate(self.cells) if c is None]
+        if len(free) < len(batch):
+            raise KVCacheFull()
+        rows = []
+        for i, (tok, pos, seq, want) in enumerate(
+            zip(batch.tokens, batch.positions, batch.seq_ids, batch.want_logits, strict=True)
+        ):
+            self.cells[free[i]] = (pos, tok, {seq})
+            if want:
+                seen = sorted(
+                    (p, t)
+                    for c in self.cells
+                    if c and seq in c[2] and c[0] <= pos
+                    for p, t in [(c[0], c[1])]
+                )
+                assert [p for p, _ in seen] == list(range(pos + 1)), "a hole or a duplicate"
+                digest = hashlib.sha256(repr(seen).encode()).digest()
+                row = np.zeros(self.vocab_size, dtype=np.float32)
+                row[3 + digest[0] % 60] = 10.0
+                rows.append(row)
+        return np.array(rows, dtype=np.float32).reshape(len(rows), self.vocab_size)
+
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        for i, c in enumerate(self.cells):
+            if c is not None and seq_id in c[2] and start <= c[0] and (end < 0 or c[0] < end):
+                c[2].discard(seq_id)
+                if not c[2]:
+                    self.cells[i] = None
+
+    def positions(self, seq_id: int) -> list[int]:
+        """The positions a sequence id can see, sorted (duplicates kept, to be caught)."""
+        return sorted(c[0] for c in self.cells if c is not None and seq_id in c[2])
+
+    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
+        for c in self.cells:
+            if c is not None and src in c[2] and start <= c[0] < end:
+                c[2].add(dst)
