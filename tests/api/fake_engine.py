@@ -25,6 +25,7 @@ from fireside.engine.types import (
     SampleDelta,
     TokenLogprob,
 )
+from fireside.runner.base import TokenizerInfo
 
 _TOKEN = re.compile(r"\s*\S+")
 
@@ -57,6 +58,15 @@ class FakeEngine:
         self.vision = False
         self.closed_early: list[str] = []  # request ids whose iteration was left early
         self.num_tokenize_calls = 0
+        self.add_bos = False  # tokenizing with special tokens starts with BOS, id 1
+        self.tokenizer = TokenizerInfo(
+            bos_token="<|c1|>",
+            eos_token="<|c2|>",
+            pad_token=None,
+            add_bos_token=False,
+            add_eos_token=False,
+            chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
+        )
         self._ids: dict[bytes, int] = {}
         self._bytes: dict[int, bytes] = {}
 
@@ -79,13 +89,19 @@ class FakeEngine:
             self._bytes[self._ids[data]] = data
         return self._ids[data]
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         self.num_tokenize_calls += 1
         if self.fail_tokenize:
             raise RuntimeError("secret internal detail")
-        return [self.token_id(word.encode()) for word in _TOKEN.findall(text)]
+        ids = [self.token_id(word.encode()) for word in _TOKEN.findall(text)]
+        return [1, *ids] if add_special and self.add_bos else ids
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def tokenizer_info(self) -> TokenizerInfo:
+        return self.tokenizer
+
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        if special and token_id < 10:  # ids below 10 play control tokens
+            return f"<|c{token_id}|>".encode()
         return self._bytes.get(token_id, f"<{token_id}>".encode())
 
     @property
@@ -109,8 +125,8 @@ class FakeEngine:
             raise GrammarError("bad grammar")
         return f"{spec.kind}:{spec.source}"
 
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        data = b"".join(self.token_bytes(i) for i in token_ids)
+    def detokenize(self, token_ids: Sequence[int], special: bool = False) -> str:
+        data = b"".join(self.token_bytes(i, special) for i in token_ids)
         return data.decode("utf-8", errors="replace")
 
     def sampled_bytes(self, sample: int, step: int) -> bytes:

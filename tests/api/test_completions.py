@@ -245,3 +245,20 @@ def test_prompt_cache_max_len_reaches_the_engine(client, engine):
     assert post(client, prompt="a b c", prompt_cache_max_len=5).status_code == 200
     assert post(client, prompt="a b c").status_code == 200
     assert [r.params.prompt_cache_max_len for r in engine.requests] == [5, None]
+
+
+def test_the_server_sets_the_default_for_include_stop_str_in_output(make_client, engine):
+    """Issue 11: a deployment for OpenAI-style clients drops stop strings by default;
+    a request that says otherwise still wins."""
+
+    def included(client, **fields) -> bool:
+        assert post(client, prompt="x", stop="##", **fields).status_code == 200
+        return engine.requests[-1].params.include_stop_str_in_output
+
+    openai_style = make_client(service_kwargs={"include_stop_str_in_output": False})
+    assert included(openai_style) is False
+    assert included(openai_style, include_stop_str_in_output=None) is False  # null: not given
+    assert included(openai_style, include_stop_str_in_output=True) is True
+    document = make_client()
+    assert included(document) is True  # the source document's rule, unless configured
+    assert included(document, include_stop_str_in_output=False) is False

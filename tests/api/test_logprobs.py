@@ -192,6 +192,20 @@ def test_echo_with_content_logprobs(client, engine):
     assert engine.requests[0].params.prompt_logprobs == 0
 
 
+def test_echo_of_token_ids_renders_control_tokens_like_a_text_prompt(client):
+    """Issue 11: `[0, 0, 0]` echoed as "" because control tokens render empty."""
+    choice = complete(client, prompt=[0, 0, 0], echo=True, max_tokens=1, logprobs=1)["choices"][0]
+    assert choice["text"] == "<|c0|><|c0|><|c0|> s0t0"
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["<|c0|>"] * 3 + [" s0t0"]
+    assert logprobs["text_offset"] == [0, 6, 12, 18]
+    last = complete(client, prompt=[0, 0, 0], echo_last=2, max_tokens=1, logprobs=True)
+    content = last["choices"][0]["logprobs"]["content"]
+    assert last["choices"][0]["text"] == "<|c0|><|c0|> s0t0"
+    assert [e["token"] for e in content] == ["<|c0|>", "<|c0|>", " s0t0"]
+    assert content[0]["bytes"] == list(b"<|c0|>")
+
+
 def test_echo_last_scores_only_the_last_tokens(client, engine):
     choice = complete(client, prompt="one two three four", echo_last=2, max_tokens=1, logprobs=1)[
         "choices"
@@ -293,7 +307,7 @@ def test_streamed_tokens_inside_a_character(make_client):
     client = make_client(engines={MODEL: FakeEngine(script=SPLIT)})
     fields = {"prompt": "a", "max_tokens": 5, "logprobs": 0}
     whole = complete(client, **fields)["choices"][0]
-    chunks = stream_chunks(client, **fields)[:-1]
+    chunks = stream_chunks(client, **fields)  # usage rides on the last: no chunk to drop
     # A token that ends inside a character adds no text yet, but its logprobs still go out.
     assert [c["choices"][0]["text"] for c in chunks] == [" caf", "", "é ok", "", "😀"]
     assert streamed_logprobs(chunks, "legacy") == {0: whole["logprobs"]}
@@ -310,14 +324,14 @@ def test_streamed_tokens_inside_a_character(make_client):
 def test_streamed_logprobs_equal_non_streamed(client, fmt, fields, echo):
     fields = {"prompt": ["a b c", "d"], "n": 2, "max_tokens": 3, "echo": echo, **fields}
     whole = complete(client, **fields)
-    chunks = stream_chunks(client, **fields)[:-1]
+    chunks = stream_chunks(client, **fields)
     expected = {c["index"]: c["logprobs"] for c in whole["choices"]}
     assert streamed_logprobs(chunks, fmt) == expected
 
 
 def test_stream_echo_chunk_carries_the_prompt_logprobs(client):
     chunks = stream_chunks(client, prompt=["a b", "c"], n=2, echo=True, max_tokens=2, logprobs=1)
-    choices = [c["choices"][0] for c in chunks[:-1]]
+    choices = [c["choices"][0] for c in chunks]
     for index, prompt in enumerate(["a b", "a b", "c", "c"]):
         own = [c for c in choices if c["index"] == index]
         # The echo first, with the prompt's scores; then one chunk per token.
@@ -330,13 +344,13 @@ def test_stream_echo_chunk_carries_the_prompt_logprobs(client):
 
 def test_stream_scoring_with_max_tokens_zero(client, engine):
     chunks = stream_chunks(client, prompt="a b", echo=True, max_tokens=0, logprobs=True)
-    echo, finish, last = chunks
+    echo, finish = chunks
     assert echo["choices"][0]["text"] == "a b"
     assert [e["logprob"] for e in echo["choices"][0]["logprobs"]["content"]] == [None, -0.5]
     assert finish["choices"][0]["text"] == ""
     assert finish["choices"][0]["finish_reason"] == "length"
     assert finish["choices"][0]["logprobs"] == {"content": []}
-    assert last["usage"]["completion_tokens"] == 0
+    assert finish["usage"]["completion_tokens"] == 0
     assert len(engine.requests) == 1
 
 

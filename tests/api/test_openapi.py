@@ -8,6 +8,7 @@ bounds), and real responses of the fake engine against the response schemas.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from typing import Any
@@ -75,6 +76,15 @@ def request_schema(document: dict[str, Any]) -> dict[str, Any]:
     return document["components"]["schemas"]["CompletionRequest"]
 
 
+def example_body(path: str) -> dict[str, Any]:
+    """A valid body for a documented POST path."""
+    if path.endswith("/tokenize"):
+        return {"prompt": "hi"}
+    if path.endswith("/detokenize"):
+        return {"tokens": [1, 2]}
+    return {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+
+
 # --- the document
 
 
@@ -111,8 +121,8 @@ def test_every_route_is_a_real_operation(client, document):
     for path, item in document["paths"].items():
         url = path.replace("{model}", MODEL)
         for method in item:
-            body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
-            response = client.request(method.upper(), url, json=body if method == "post" else None)
+            body = example_body(path) if method == "post" else None
+            response = client.request(method.upper(), url, json=body)
             assert response.status_code == 200, (method, path, response.text)
 
 
@@ -124,6 +134,16 @@ def test_api_routes_are_generated_from_one_description(document):
             other = dict(inference[method])
             assert other.pop("operationId") != operation["operationId"]
             assert other == {k: v for k, v in operation.items() if k != "operationId"}
+
+
+def test_tokenizer_routes_are_one_description_under_three_prefixes(document):
+    for kind in ("tokenizer_info", "tokenize", "detokenize"):
+        root = document["paths"][f"/{kind}"]
+        for prefix in ("/v1", "/inference/v1"):
+            for method, operation in document["paths"][f"{prefix}/{kind}"].items():
+                other = dict(operation)
+                assert other.pop("operationId") != root[method]["operationId"]
+                assert other == {k: v for k, v in root[method].items() if k != "operationId"}
 
 
 def test_security_matches_the_server(make_client, document):
@@ -138,8 +158,8 @@ def test_security_matches_the_server(make_client, document):
         url = path.replace("{model}", MODEL)
         for method, operation in item.items():
             security = operation.get("security", document["security"])
-            body = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
-            response = client.request(method.upper(), url, json=body if method == "post" else None)
+            body = example_body(path) if method == "post" else None
+            response = client.request(method.upper(), url, json=body)
             if security == []:
                 assert response.status_code == 200, path
             else:
@@ -243,7 +263,9 @@ VALID_BODIES = [
         },
     },
     {"prompt": "hi", "response_format": {"type": "grammar", "grammar": 'root ::= "a"'}},
-    {"prompt": "hi", "stream_options": {"include_usage": True}, "suffix": None, "best_of": 1},
+    {"prompt": "hi", "stream_options": None, "suffix": None, "best_of": 1},
+    {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
+    {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": None}},
     {"prompt": "hi", "temperature": 1, "seed": -1, "user": "u", "echo": True},
     {"prompt": "hi", "context_length_exceeded_behavior": "error", "temperature": None},
 ]
@@ -289,6 +311,10 @@ INVALID_BODIES = [
     ({"prompt": "hi", "response_format": {"type": "grammar", "grammar": " "}}, "response_format"),
     ({"prompt": "hi", "response_format": "json"}, "response_format"),
     ({"prompt": "hi", "stream_options": True}, "stream_options"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "hi", "stream": False, "stream_options": {}}, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"usage": True}}, "stream_options"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
     ({"prompt": "hi", "user": 5}, "user"),
     ({"prompt": "hi", "frequency_penaltie": 1}, "frequency_penaltie"),
     ({}, "prompt"),
@@ -324,14 +350,18 @@ def test_bodies_the_schema_refuses_are_400(client, document, fields, param):
         {"perf_metrics_in_response": True, "max_tokens": 0, "echo": True},
     ],
 )
-def test_responses_match_their_schema(client, document, fields):
+@pytest.mark.parametrize(
+    "stream_options",
+    [None, {"include_usage": True}, {"include_usage": True, "continuous_usage_stats": True}],
+)
+def test_responses_match_their_schema(client, document, fields, stream_options):
     body = {"prompt": "hello world", **fields}
     validator(document, "Completion", closed=True).validate(complete(client, **body))
     chunk = validator(document, "CompletionChunk", closed=True)
-    chunks = stream_chunks(client, **body)
+    chunks = stream_chunks(client, **body, stream_options=stream_options)
     for data in chunks:
         chunk.validate(data)
-    assert "usage" in chunks[-1]
+    assert chunks[-1]["usage"] is not None
 
 
 def test_perf_headers_match_their_schema(client, document):
@@ -346,6 +376,30 @@ def test_stream_error_event_matches_the_error_schema(make_client, engine, docume
     engine.error_at_step = 1
     chunks = stream_chunks(make_client(), prompt="hi")
     validator(document, "Error", closed=True).validate(chunks[-1])
+
+
+def test_tokenizer_responses_match_their_schema(client, engine, document):
+    check = {
+        name: validator(document, name, closed=True)
+        for name in ("TokenizerInfo", "TokenizeResponse", "DetokenizeResponse")
+    }
+    check["TokenizerInfo"].validate(client.get("/tokenizer_info").json())
+    engine.tokenizer = dataclasses.replace(engine.tokenizer, chat_template=None, bos_token=None)
+    check["TokenizerInfo"].validate(client.get("/tokenizer_info").json())
+    for body in ({"prompt": "a b"}, {"prompt": "", "return_token_strs": True}):
+        validator(document, "TokenizeRequest").validate(body)
+        check["TokenizeResponse"].validate(client.post("/tokenize", json=body).json())
+    validator(document, "DetokenizeRequest").validate({"tokens": [1, 12]})
+    check["DetokenizeResponse"].validate(client.post("/detokenize", json={"tokens": [1]}).json())
+    for name, body in (
+        ("TokenizeRequest", {"prompt": 5}),
+        ("TokenizeRequest", {"prompt": "x", "max_tokens": 1}),
+        ("DetokenizeRequest", {"tokens": [-1]}),
+        ("DetokenizeRequest", {"tokens": "1"}),
+    ):
+        assert not validator(document, name).is_valid(body)
+        path = "/tokenize" if name == "TokenizeRequest" else "/detokenize"
+        validator(document, "Error", closed=True).validate(client.post(path, json=body).json())
 
 
 def test_other_responses_match_their_schema(client, engine, document):

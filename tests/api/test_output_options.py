@@ -159,8 +159,19 @@ def test_perf_headers_are_always_sent(client):
 def test_streamed_perf_metrics_are_in_the_usage_chunk(client):
     chunks = stream_chunks(client, prompt="a b", perf_metrics_in_response=True)
     *text_chunks, last = chunks
-    assert last["choices"] == [] and "usage" in last
+    assert last["choices"][0]["finish_reason"] and last["usage"]
+    assert list(last)[-2:] == ["usage", "perf_metrics"]
     assert list(last["perf_metrics"]) == PERF_KEYS
     assert last["perf_metrics"]["prompt-tokens"] == 2
     assert all("perf_metrics" not in c for c in text_chunks)
     assert "perf_metrics" not in stream_chunks(client, prompt="a b")[-1]
+    # With OpenAI's usage chunk they ride on it; without usage, on the last chunk.
+    separate = stream_chunks(
+        client, prompt="a b", perf_metrics_in_response=True, stream_options={"include_usage": True}
+    )
+    assert separate[-1]["choices"] == [] and list(separate[-1]["perf_metrics"]) == PERF_KEYS
+    assert all("perf_metrics" not in c for c in separate[:-1])
+    none = stream_chunks(
+        client, prompt="a b", perf_metrics_in_response=True, stream_options={"include_usage": False}
+    )
+    assert "usage" not in none[-1] and list(none[-1]["perf_metrics"]) == PERF_KEYS

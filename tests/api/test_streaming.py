@@ -9,7 +9,7 @@ from fireside.api import CompletionService
 from fireside.api.protocol import CompletionRequest
 
 from .fake_engine import FakeEngine
-from .helpers import MODEL
+from .helpers import MODEL, assert_error, stream_chunks
 
 
 def stream_events(client, **fields) -> tuple[object, list[str]]:
@@ -31,19 +31,95 @@ def test_stream_framing(client):
     chunks = [json.loads(e) for e in events[:-1]]
     assert len({c["id"] for c in chunks}) == 1
     assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
-    *text_chunks, last = chunks
-    assert last["choices"] == []
-    assert last["usage"] == {
+    # Usage rides on the chunk that finishes the last choice: every chunk has a choice.
+    assert [list(c) for c in chunks] == [
+        ["id", "object", "created", "model", "choices", "usage"]
+    ] * 2
+    assert chunks[0]["usage"] is None
+    assert chunks[-1]["usage"] == {
         "prompt_tokens": 2,
         "completion_tokens": 2,
         "total_tokens": 4,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
-    assert all("usage" not in c for c in text_chunks)
-    choices = [c["choices"][0] for c in text_chunks]
+    choices = [c["choices"][0] for c in chunks]
     assert [c["text"] for c in choices] == [" s0t0", " s0t1"]
     assert [c["finish_reason"] for c in choices] == [None, "length"]
     assert all(c["logprobs"] is None and c["index"] == 0 for c in choices)
+
+
+def test_every_chunk_has_a_choice_and_usage_comes_with_the_last_finish(client):
+    """Issue 11: a separate `choices: []` usage chunk broke `chunk.choices[0]` loops."""
+    fields = {"prompt": ["a b", "c"], "n": 2, "max_tokens": 3}
+    whole = client.post("/v1/completions", json={"model": MODEL, **fields}).json()
+    chunks = stream_chunks(client, **fields)
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    finishes = [i for i, c in enumerate(chunks) if c["choices"][0]["finish_reason"]]
+    assert len(finishes) == 4 and finishes[-1] == len(chunks) - 1
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_include_usage_true_sends_openais_usage_chunk(client):
+    fields = {"prompt": ["a b", "c"], "n": 2, "max_tokens": 3}
+    whole = client.post("/v1/completions", json={"model": MODEL, **fields}).json()
+    chunks = stream_chunks(client, stream_options={"include_usage": True}, **fields)
+    *text_chunks, last = chunks
+    assert last["choices"] == [] and last["usage"] == whole["usage"]
+    assert list(last) == ["id", "object", "created", "model", "choices", "usage"]
+    # As OpenAI and vLLM: every other chunk says `usage: null`.
+    assert all(len(c["choices"]) == 1 and c["usage"] is None for c in text_chunks)
+    assert sum(1 for c in text_chunks if c["choices"][0]["finish_reason"]) == 4
+
+
+def test_include_usage_false_sends_no_usage(client):
+    chunks = stream_chunks(
+        client, prompt="a b", max_tokens=2, stream_options={"include_usage": False}
+    )
+    assert [c["choices"][0]["text"] for c in chunks] == [" s0t0", " s0t1"]
+    assert all("usage" not in c for c in chunks)
+
+
+def test_stream_options_without_include_usage_keep_the_default(client):
+    chunks = stream_chunks(client, prompt="a b", max_tokens=2, stream_options={})
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+
+
+def test_continuous_usage_stats_give_each_chunk_its_choices_usage(make_client):
+    client = make_client(engines={MODEL: FakeEngine(cached_tokens=1)})
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = stream_chunks(client, prompt=["a b", "c"], max_tokens=2, stream_options=options)
+    *text_chunks, last = chunks
+    seen = [
+        (c["choices"][0]["index"], c["usage"]["prompt_tokens"], c["usage"]["completion_tokens"])
+        for c in text_chunks
+    ]
+    assert sorted(seen) == [(0, 2, 1), (0, 2, 2), (1, 1, 1), (1, 1, 2)]
+    assert all(c["usage"]["prompt_tokens_details"] == {"cached_tokens": 1} for c in text_chunks)
+    assert last["choices"] == []
+    assert last["usage"]["prompt_tokens"] == 3 and last["usage"]["completion_tokens"] == 4
+
+
+def test_stream_options_need_stream_true(client):
+    for stream in (False, None):
+        response = client.post(
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": "x",
+                "stream": stream,
+                "stream_options": {"include_usage": True},
+            },
+        )
+        assert_error(response, 400, "stream_options", "invalid_value")
+    missing = {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": False}}
+    assert_error(client.post("/v1/completions", json=missing), 400, "stream_options")
+    # null is "not given", so it is fine without a stream.
+    ok = client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "x", "stream_options": None}
+    )
+    assert ok.status_code == 200, ok.text
 
 
 def test_streamed_text_equals_non_streamed_text(client):

@@ -50,6 +50,13 @@ OPERATIONS = [
     ("GET", "/health", [(POSITIVE, "served", 2)]),
     ("GET", "/metrics", [(POSITIVE, "served", 2)]),
     ("GET", "/openapi.json", [(POSITIVE, "served", 2)]),
+    # The tokenizer endpoints: one handler each behind three paths.
+    ("POST", "/tokenize", [(POSITIVE, "served", 30), (NEGATIVE, "served", 20)]),
+    ("POST", "/detokenize", [(POSITIVE, "focused", 30), (NEGATIVE, "served", 20)]),
+    ("GET", "/tokenizer_info", [(POSITIVE, "served", 5)]),
+    ("POST", "/v1/tokenize", [(POSITIVE, "served", 5)]),
+    ("POST", "/inference/v1/detokenize", [(POSITIVE, "focused", 5)]),
+    ("GET", "/v1/tokenizer_info", [(POSITIVE, "served", 2)]),
 ]
 # Token ids below this are in the vocabulary of any real model.
 SMALL_VOCAB = 1000
@@ -75,8 +82,11 @@ def document(server_url) -> dict[str, Any]:
 def aim_at_model(document: dict[str, Any]) -> dict[str, Any]:
     """A copy whose valid requests name the served model, so they generate text."""
     aimed = json.loads(json.dumps(document))
-    aimed["components"]["schemas"]["CompletionRequest"]["properties"]["model"] = {"const": MODEL}
-    for path in ("/v1/models/{model}", "/inference/v1/models/{model}"):
+    schemas = aimed["components"]["schemas"]
+    schemas["CompletionRequest"]["properties"]["model"] = {"const": MODEL}
+    for name in ("TokenizeRequest", "DetokenizeRequest"):  # optional there
+        schemas[name]["properties"]["model"] = {"anyOf": [{"const": MODEL}, {"type": "null"}]}
+    for path in ("/v1/models/{model}", "/inference/v1/models/{model}", "/tokenizer_info"):
         (parameter,) = aimed["paths"][path]["get"]["parameters"]
         parameter["examples"] = {"served": {"value": MODEL}}
     return aimed
@@ -98,6 +108,8 @@ def focus(document: dict[str, Any]) -> dict[str, Any]:
     bias = properties["logit_bias"]["anyOf"][0]
     bias["propertyNames"] = {"pattern": "^[0-9]{1,3}$"}
     del properties["images"]
+    detokenize = focused["components"]["schemas"]["DetokenizeRequest"]
+    detokenize["properties"]["tokens"]["items"] = token_id
     return focused
 
 
@@ -123,7 +135,7 @@ def _clamp(body: dict[str, Any], name: str, limit: int, valid_up_to: int | None)
 
 def make_cheap(case: Any) -> None:
     """Small max_tokens and n, without turning a valid body invalid or the reverse."""
-    if isinstance(case.body, dict):
+    if isinstance(case.body, dict) and case.path.endswith("/completions"):
         if "max_tokens" not in case.body and "max_completion_tokens" not in case.body:
             case.body["max_tokens"] = MAX_TOKENS  # the default, 16, would do too
         _clamp(case.body, "max_tokens", MAX_TOKENS, None)

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +21,11 @@ from starlette.exceptions import HTTPException
 from fireside.api.auth import BearerAuth
 from fireside.api.errors import APIError, from_validation_errors
 from fireside.api.metrics import make_registry
-from fireside.api.openapi import openapi_document
+from fireside.api.openapi import TOKENIZER_PREFIXES, openapi_document
 from fireside.api.protocol import parse_completion_request
 from fireside.api.responses import ModelInfo, perf_metrics_headers
 from fireside.api.serving import ClientDisconnected, CompletionService
+from fireside.api.tokenization import TokenizerService
 from fireside.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,12 @@ def create_app(
     models_by_id = {model.id: model for model in models}
     auth = BearerAuth(api_keys)
     if auth.is_open:
-        logger.warning("no API key configured: the server accepts requests from anyone")
+        logger.warning(
+            "auth off: no API key configured (--api-key or FIRESIDE_API_KEYS): "
+            "anyone who can reach the server can use it"
+        )
+    else:
+        logger.info("auth on: %d API key%s", auth.num_keys, "" if auth.num_keys == 1 else "s")
     registry = make_registry(engines, service.counters)
 
     app = FastAPI(title="Fireside", docs_url=None, redoc_url=None, openapi_url=None)
@@ -65,6 +72,7 @@ def create_app(
             raise APIError.unavailable("The server is shutting down; retry on another instance.")
         body = await _read_body(request, max_body_bytes)
         plan = await service.prepare(parse_completion_request(body))
+        request.state.completion_id = plan.cmpl_id  # its `done` line is the service's
         if plan.stream:
             return StreamingResponse(
                 service.stream(plan),
@@ -92,12 +100,28 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    tokenizer = TokenizerService(service.engines)
+
+    async def tokenizer_info(model: str | None = None) -> JSONResponse:
+        return JSONResponse(tokenizer.info(model))
+
+    async def tokenize(request: Request) -> JSONResponse:
+        return JSONResponse(await tokenizer.tokenize(await _read_body(request, max_body_bytes)))
+
+    async def detokenize(request: Request) -> JSONResponse:
+        return JSONResponse(tokenizer.detokenize(await _read_body(request, max_body_bytes)))
+
     for prefix in _API_PREFIXES:
         api.add_api_route(f"{prefix}/completions", create_completion, methods=["POST"])
         api.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         # :path because model ids may contain "/" (they arrive percent-decoded).
         api.add_api_route(f"{prefix}/models/{{model_id:path}}", get_model, methods=["GET"])
     api.add_api_route("/metrics", metrics, methods=["GET"])
+    # vLLM serves these at the root, where lm-evaluation-harness looks for them.
+    for prefix in TOKENIZER_PREFIXES:
+        api.add_api_route(f"{prefix}/tokenizer_info", tokenizer_info, methods=["GET"])
+        api.add_api_route(f"{prefix}/tokenize", tokenize, methods=["POST"])
+        api.add_api_route(f"{prefix}/detokenize", detokenize, methods=["POST"])
     app.include_router(api)
 
     @app.get("/health")
@@ -135,6 +159,26 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
 
 
+def _refuse(request: Request, error: APIError) -> JSONResponse:
+    """The error answer, and its `refused` log line (status and code: never the body
+    or a key), unless the request had started: its `done` line tells how it ended."""
+    if getattr(request.state, "completion_id", None) is None:
+        logger.log(
+            logging.WARNING if error.status >= 500 else logging.INFO,
+            "refused %s %s status=%d code=%s",
+            request.method,
+            _path(request),
+            error.status,
+            error.code or "-",
+        )
+    return error_response(error)
+
+
+def _path(request: Request) -> str:
+    """The path for a log line: percent-encoded (no line breaks), at most 200 characters."""
+    return quote(request.url.path[:200], safe="/:@!$&'()*+,;=-._~")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refusing early (413) once it passes `limit` bytes."""
     declared = request.headers.get("content-length", "")
@@ -166,35 +210,35 @@ class _GuardedRoute(APIRoute):
             except (APIError, HTTPException, RequestValidationError):
                 raise  # rendered by the app's handlers
             except Exception:
-                logger.exception("unhandled error in %s %s", request.method, request.url.path)
-                return error_response(APIError.internal())
+                logger.exception("unhandled error in %s %s", request.method, _path(request))
+                return _refuse(request, APIError.internal())
 
         return guarded
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request: Request, exc: Exception) -> Response:
-        return error_response(exc if isinstance(exc, APIError) else APIError.internal())
+        return _refuse(request, exc if isinstance(exc, APIError) else APIError.internal())
 
     async def on_validation_error(request: Request, exc: Exception) -> Response:
         # FastAPI's default would be 422; the API promises 400.
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-        return error_response(from_validation_errors(errors))
+        return _refuse(request, from_validation_errors(errors))
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         if status == 404:
-            return error_response(APIError.not_found(f"Unknown path: {request.url.path[:200]}"))
+            return _refuse(request, APIError.not_found(f"Unknown path: {request.url.path[:200]}"))
         if status == 405:
             error = APIError.method_not_allowed()
             error.headers.update(getattr(exc, "headers", None) or {})
-            return error_response(error)
+            return _refuse(request, error)
         detail = str(getattr(exc, "detail", "")) or "Request failed."
-        return error_response(APIError(status, detail, "invalid_request_error"))
+        return _refuse(request, APIError(status, detail, "invalid_request_error"))
 
     async def on_unexpected_error(request: Request, exc: Exception) -> Response:
         # Reached only from outside the routes (a middleware); Starlette logs the traceback.
-        return error_response(APIError.internal())
+        return _refuse(request, APIError.internal())
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)

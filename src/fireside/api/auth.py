@@ -20,6 +20,10 @@ class BearerAuth:
     def is_open(self) -> bool:
         return not self._keys
 
+    @property
+    def num_keys(self) -> int:
+        return len(self._keys)
+
     async def __call__(self, request: Request) -> None:
         if self.is_open:
             return

@@ -202,6 +202,7 @@ class Choices:
             OffsetCounter(),
             self._texts,
             limit=len(prompt.echo_text),
+            special=True,
         )
         chunks = []
         for choice in self._of(prompt):
@@ -223,3 +224,9 @@ class Choices:
 
     def usage(self) -> dict[str, Any]:
         return usage_dict(self._num_prompt_tokens, self._num_generated, self.num_cached_tokens)
+
+    def choice_usage(self, index: int) -> dict[str, Any]:
+        """One choice's usage so far: its prompt, and the tokens it generated."""
+        choice = self._choices[index]
+        prompt = choice.prompt
+        return usage_dict(len(prompt.token_ids), len(choice.token_ids), self._cached[prompt.index])

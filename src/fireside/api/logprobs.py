@@ -4,6 +4,8 @@ The engine scores tokens (`TokenLogprob`); here a choice's scored tokens become
 OpenAI's legacy object (`logprobs: N`) or the `{"content": [...]}` one
 (`logprobs: true`). Token strings are the token's bytes decoded with
 replacement, so a token that ends inside a multi-byte character still shows.
+Prompt tokens render control tokens as their text (`<|im_start|>`), as the
+echoed prompt does; generated ones render them empty, as the generated text does.
 """
 
 from __future__ import annotations
@@ -27,27 +29,29 @@ class Position:
     token_id: int
     scores: TokenLogprob | None  # None: a prompt token nothing predicts (the first)
     text_offset: int  # characters of the choice's text before this token
+    special: bool = False  # a prompt token: control tokens render as their text
 
 
 class TokenTexts:
     """Bytes and strings of token ids, cached per request: alternatives repeat a lot."""
 
-    def __init__(self, token_bytes: Callable[[int], bytes]) -> None:
-        self._token_bytes = token_bytes
-        self._cache: dict[int, tuple[bytes, str]] = {}
+    def __init__(self, token_bytes: Callable[..., bytes]) -> None:
+        self._token_bytes = token_bytes  # (token_id, special=False) -> bytes
+        self._cache: dict[tuple[int, bool], tuple[bytes, str]] = {}
 
-    def _get(self, token_id: int) -> tuple[bytes, str]:
-        entry = self._cache.get(token_id)
+    def _get(self, token_id: int, special: bool) -> tuple[bytes, str]:
+        entry = self._cache.get((token_id, special))
         if entry is None:
-            data = self._token_bytes(token_id)
-            entry = self._cache[token_id] = (data, data.decode("utf-8", errors="replace"))
+            data = self._token_bytes(token_id, special) if special else self._token_bytes(token_id)
+            entry = (data, data.decode("utf-8", errors="replace"))
+            self._cache[(token_id, special)] = entry
         return entry
 
-    def bytes_of(self, token_id: int) -> bytes:
-        return self._get(token_id)[0]
+    def bytes_of(self, token_id: int, special: bool = False) -> bytes:
+        return self._get(token_id, special)[0]
 
-    def text_of(self, token_id: int) -> str:
-        return self._get(token_id)[1]
+    def text_of(self, token_id: int, special: bool = False) -> str:
+        return self._get(token_id, special)[1]
 
 
 class OffsetCounter:
@@ -75,12 +79,18 @@ def scored_positions(
     offsets: OffsetCounter,
     texts: TokenTexts,
     limit: int | None = None,
+    special: bool = False,
 ) -> list[Position]:
-    """Positions of consecutive tokens; offsets past `limit` are clamped to it."""
+    """Positions of consecutive tokens; offsets past `limit` are clamped to it.
+
+    `special`: prompt tokens, whose control tokens render as their text.
+    """
     positions = []
     for token_id, score in zip(token_ids, scores, strict=True):
-        offset = offsets.add(texts.bytes_of(token_id))
-        positions.append(Position(token_id, score, offset if limit is None else min(offset, limit)))
+        offset = offsets.add(texts.bytes_of(token_id, special))
+        if limit is not None:
+            offset = min(offset, limit)
+        positions.append(Position(token_id, score, offset, special))
     return positions
 
 
@@ -112,13 +122,13 @@ def _legacy(
         if p.scores is None:
             top_logprobs.append(None)
             continue
-        top = {texts.text_of(i): _finite(lp) for i, lp in p.scores.top[:num_top]}
+        top = {texts.text_of(i, p.special): _finite(lp) for i, lp in p.scores.top[:num_top]}
         # The sampled token is always there, so a dict has up to num_top + 1 entries. It
         # wins a key two ids share (partial characters render alike): clients read top[token].
-        top[texts.text_of(p.token_id)] = _finite(p.scores.logprob)
+        top[texts.text_of(p.token_id, p.special)] = _finite(p.scores.logprob)
         top_logprobs.append(top)
     return {
-        "tokens": [texts.text_of(p.token_id) for p in positions],
+        "tokens": [texts.text_of(p.token_id, p.special) for p in positions],
         "token_logprobs": [
             None if p.scores is None else _finite(p.scores.logprob) for p in positions
         ],
@@ -137,18 +147,18 @@ def _content(
         sampling = None if scores is None else scores.sampling_logprob
         content.append(
             {
-                "token": texts.text_of(p.token_id),
-                "bytes": list(texts.bytes_of(p.token_id)),
+                "token": texts.text_of(p.token_id, p.special),
+                "bytes": list(texts.bytes_of(p.token_id, p.special)),
                 "logprob": None if scores is None else _finite(scores.logprob),
                 "sampling_logprob": None if sampling is None else _finite(sampling),
                 "token_id": p.token_id,
                 "text_offset": offset,
                 "top_logprobs": [
                     {
-                        "token": texts.text_of(i),
+                        "token": texts.text_of(i, p.special),
                         "logprob": _finite(lp),
                         "token_id": i,
-                        "bytes": list(texts.bytes_of(i)),
+                        "bytes": list(texts.bytes_of(i, p.special)),
                     }
                     for i, lp in (scores.top[:num_top] if scores is not None else ())
                 ],

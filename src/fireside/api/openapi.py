@@ -22,10 +22,14 @@ from typing import Any
 
 from fireside import __version__
 from fireside.api.protocol import CompletionRequest
+from fireside.api.tokenization import DetokenizeRequest, TokenizeRequest
 from fireside.engine.types import SamplingParams
 
 OPENAPI_VERSION = "3.1.0"
 API_PREFIXES = ("/v1", "/inference/v1")
+# The tokenizer endpoints are also at the root, where vLLM serves them, and under
+# /inference, where lm-eval looks for them given base_url .../inference/v1/completions.
+TOKENIZER_PREFIXES = ("", "/inference", *API_PREFIXES)
 
 Schema = dict[str, Any]
 
@@ -98,6 +102,15 @@ _FIELD_SCHEMAS: dict[str, Schema] = {
             ]
         }
     ),
+    "stream_options": _nullable(
+        _object(
+            {
+                name: _nullable({"type": "boolean"})
+                for name in ("include_usage", "continuous_usage_stats", "include_obfuscation")
+            },
+            additionalProperties=False,
+        )
+    ),
     "suffix": _NULL,
     "best_of": _nullable({"type": "integer", "const": 1}),
 }
@@ -145,13 +158,23 @@ _DESCRIPTIONS: dict[str, str] = {
         "Up to 4 sequences that end generation. The returned text contains the stop "
         "sequence unless `include_stop_str_in_output` is false."
     ),
-    "include_stop_str_in_output": "Whether the text keeps the stop sequence that ended it.",
+    "include_stop_str_in_output": (
+        "Whether the text keeps the stop sequence that ended it. The default is the "
+        "server's: true unless it runs with `--no-include-stop-str-in-output`."
+    ),
     "ignore_eos": "Keep generating past end-of-sequence.",
     "response_format": (
         "Constrained decoding: JSON (optionally matching a JSON schema) or a GBNF grammar. A "
         "schema or grammar that cannot compile is 400."
     ),
     "stream": "Answer with server-sent events (`text/event-stream`).",
+    "stream_options": (
+        "Only with `stream: true` (else 400). Without `include_usage`, usage rides on the "
+        "chunk that finishes the last choice; `include_usage: true` sends it in a final chunk "
+        "with empty `choices` (OpenAI's), every other chunk having `usage: null` or, with "
+        "`continuous_usage_stats: true`, its choice's usage so far (vLLM's); "
+        "`include_usage: false` sends no usage. `include_obfuscation` is accepted and ignored."
+    ),
     "return_token_ids": "Add `prompt_token_ids` and `token_ids` to each choice.",
     "raw_output": "Add `raw_output` to each choice.",
     "perf_metrics_in_response": "Add `perf_metrics` to the response.",
@@ -159,7 +182,6 @@ _DESCRIPTIONS: dict[str, str] = {
         "Longest prompt prefix the prefix cache may use; 0 disables it for this request."
     ),
     "user": "An end-user id for the server's logs; it does not change the output.",
-    "stream_options": "Accepted for OpenAI clients; usage is always sent when streaming.",
     "suffix": "Accepted for OpenAI clients, only as null.",
     "best_of": "Accepted for OpenAI clients, only as 1 or null.",
 }
@@ -207,7 +229,19 @@ def completion_request_schema() -> Schema:
         "required": schema["required"],
         "properties": properties,
         "additionalProperties": False,
+        # stream_options (an object, not null) needs stream: true.
+        "if": {"required": ["stream_options"], "properties": {"stream_options": _object({})}},
+        "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
     }
+
+
+def _body_schema(model: type[TokenizeRequest | DetokenizeRequest], description: str) -> Schema:
+    """A tokenizer endpoint's body: pydantic's schema, without its titles."""
+    schema = model.model_json_schema(mode="validation")
+    schema.pop("title", None)
+    for prop in schema["properties"].values():
+        prop.pop("title", None)
+    return {**schema, "description": description}
 
 
 _JSON_SCHEMA_VALUE: Schema = {
@@ -402,13 +436,15 @@ def _completion(*, chunk: bool) -> Schema:
             "created": _INT,
             "model": _STRING,
             "choices": _array(_ref("CompletionChunkChoice" if chunk else "CompletionChoice")),
-            "usage": _ref("Usage"),
+            "usage": _nullable(_ref("Usage")) if chunk else _ref("Usage"),
             "perf_metrics": _ref("PerfMetrics"),
         },
         required if chunk else [*required, "usage"],
         description=(
-            "One server-sent event's data. Every chunk has the response's `id`; the last one "
-            "has empty `choices` and the request's `usage`."
+            "One server-sent event's data, with one choice. Every chunk has the response's "
+            "`id`. The request's `usage` (and `perf_metrics`, when asked) rides on the chunk "
+            "that finishes the last choice, other chunks having `usage: null`; see "
+            "`stream_options` for OpenAI's separate usage chunk (empty `choices`)."
             if chunk
             else "A non-streamed response."
         ),
@@ -437,7 +473,51 @@ _COMPLETION_EVENT: Schema = _object(
     ),
 )
 
+_NULLABLE_STRING = _nullable(_STRING)
+
 _RESPONSE_SCHEMAS |= {
+    "TokenizerInfo": _object(
+        {
+            "tokenizer_class": _STRING,
+            "bos_token": _NULLABLE_STRING,
+            "eos_token": _NULLABLE_STRING,
+            "pad_token": _NULLABLE_STRING,
+            "add_bos_token": {"type": "boolean"},
+            "add_eos_token": {"type": "boolean"},
+            "model_max_length": {"type": "integer", "minimum": 1},
+            "chat_template": _STRING,
+        },
+        [
+            "tokenizer_class",
+            "bos_token",
+            "eos_token",
+            "pad_token",
+            "add_bos_token",
+            "add_eos_token",
+            "model_max_length",
+        ],
+        description=(
+            "The model's tokenizer_config.json as far as its GGUF file holds one (vLLM's "
+            "shape): the special tokens' text (null when the model has none), whether "
+            "tokenizing with special tokens adds BOS/EOS, the context length, and the chat "
+            "template (left out when the model has none)."
+        ),
+    ),
+    "TokenizeResponse": _object(
+        {
+            "count": {"type": "integer", "minimum": 0},
+            "max_model_len": {"type": "integer", "minimum": 1},
+            "tokens": _array(_TOKEN_ID),
+            "token_strs": _nullable(_array(_STRING)),
+        },
+        ["count", "max_model_len", "tokens", "token_strs"],
+        description="The prompt's token ids; `token_strs` (each token's text) when asked.",
+    ),
+    "DetokenizeResponse": _object(
+        {"prompt": _STRING},
+        ["prompt"],
+        description="The tokens' text, special tokens written out (`<|im_start|>`).",
+    ),
     "CompletionEvent": _COMPLETION_EVENT,
     "CompletionChoice": _choice(chunk=False),
     "CompletionChunkChoice": _choice(chunk=True),
@@ -549,12 +629,66 @@ def _retrieve_model(operation_id: str) -> Schema:
     }
 
 
+def _tokenizer_info(operation_id: str) -> Schema:
+    return {
+        "operationId": operation_id,
+        "summary": "Describe the model's tokenizer",
+        "tags": ["tokenizer"],
+        "parameters": [
+            {
+                "name": "model",
+                "in": "query",
+                "required": False,
+                "description": "The model id; needed only when several models are served.",
+                "schema": _STRING,
+            }
+        ],
+        "responses": {
+            "200": {
+                "description": "The tokenizer's special tokens, context length and template.",
+                "content": {"application/json": {"schema": _ref("TokenizerInfo")}},
+            },
+            **_errors(400, 401, 404, 500),
+        },
+    }
+
+
+def _tokenizer_operation(operation_id: str, name: str, summary: str) -> Schema:
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "tags": ["tokenizer"],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(f"{name}Request")}},
+        },
+        "responses": {
+            "200": {
+                "description": summary,
+                "content": {"application/json": {"schema": _ref(f"{name}Response")}},
+            },
+            **_errors(400, 401, 404, 413, 500),
+        },
+    }
+
+
 def _paths() -> dict[str, Schema]:
     paths: dict[str, Schema] = {}
     for prefix, suffix in zip(API_PREFIXES, ("", "Inference"), strict=True):
         paths[f"{prefix}/completions"] = {"post": _create_completion(f"createCompletion{suffix}")}
         paths[f"{prefix}/models"] = {"get": _list_models(f"listModels{suffix}")}
         paths[f"{prefix}/models/{{model}}"] = {"get": _retrieve_model(f"retrieveModel{suffix}")}
+    suffixes = ("", "InferenceRoot", "V1", "Inference")
+    for prefix, suffix in zip(TOKENIZER_PREFIXES, suffixes, strict=True):
+        paths[f"{prefix}/tokenizer_info"] = {"get": _tokenizer_info(f"tokenizerInfo{suffix}")}
+        paths[f"{prefix}/tokenize"] = {
+            "post": _tokenizer_operation(f"tokenize{suffix}", "Tokenize", "Tokenize a prompt")
+        }
+        paths[f"{prefix}/detokenize"] = {
+            "post": _tokenizer_operation(
+                f"detokenize{suffix}", "Detokenize", "Turn token ids into text"
+            )
+        }
     paths["/health"] = {
         "get": {
             "operationId": "health",
@@ -608,6 +742,15 @@ def openapi_document() -> dict[str, Any]:
     """The whole document; a fresh copy on each call."""
     schemas = {
         "CompletionRequest": completion_request_schema(),
+        "TokenizeRequest": _body_schema(
+            TokenizeRequest,
+            "`add_special_tokens` adds the model's BOS/EOS when it uses them; special tokens "
+            "written in the prompt are parsed either way. The ids are those a completion of "
+            "the same string prompt uses.",
+        ),
+        "DetokenizeRequest": _body_schema(
+            DetokenizeRequest, "Token ids must be below the model's vocabulary size."
+        ),
         **copy.deepcopy(_RESPONSE_FORMATS),
         **copy.deepcopy(_RESPONSE_SCHEMAS),
     }

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fireside.api.protocol import LogprobsFormat
+from fireside.api.protocol import LogprobsFormat, StreamUsage
 from fireside.engine.client import EngineClient
 from fireside.engine.types import SamplingParams
 
@@ -24,6 +24,8 @@ class OutputOptions:
     return_token_ids: bool = False
     raw_output: bool = False
     perf_metrics: bool = False  # in the body; non-streamed answers always have the headers
+    stream_usage: StreamUsage = StreamUsage.LAST_CHOICE  # where a stream's usage goes
+    continuous_usage: bool = False  # every streamed chunk has its choice's usage so far
 
     @property
     def is_per_token(self) -> bool:
@@ -71,6 +73,8 @@ class CompletionPlan:
     started_at: float  # time.monotonic() when prepare began, for perf metrics
     # Gives back the queue places the plan holds (CompletionService); idempotent.
     reservation: Callable[[], Any] = field(default=lambda: None, compare=False)
+    # Logs the request's `done` line: `done(status, choices)`; only the first call counts.
+    done: Callable[..., Any] = field(default=lambda *args: None, compare=False)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,8 +1,8 @@
 """The request side of the completions API: the body's model, its parsing, and the
 one conversion from a request to engine `SamplingParams`.
 
-Request fields are in the order of `API.md`; the OpenAI fields that are only
-tolerated come last, in their own block.
+Request fields are in the order of `API.md` (`stream_options` beside `stream`);
+the OpenAI fields that are only tolerated come last, in their own block.
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ _PROMPT_SHAPES = (
 class LogprobsFormat(StrEnum):
     LEGACY = "legacy"  # logprobs: N, OpenAI's legacy completions object
     CONTENT = "content"  # logprobs: true, the chat-style {"content": [...]} object
+
+
+class StreamUsage(StrEnum):
+    """Where a stream's usage goes (`stream_options.include_usage`)."""
+
+    LAST_CHOICE = "last_choice"  # not given: on the chunk that finishes the last choice
+    SEPARATE = "separate"  # true: OpenAI's own final chunk, with no choices
+    NONE = "none"  # false: nowhere
+
+
+# `stream_options` keys: OpenAI's, and vLLM's `continuous_usage_stats`.
+_STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -82,10 +94,11 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
     n: int | None = Field(None, ge=1, le=128)  # default 1
     stop: str | list[str] | None = None
-    include_stop_str_in_output: bool | None = True
+    include_stop_str_in_output: bool | None = None  # default: the server's (true unless set)
     ignore_eos: bool | None = False
     response_format: dict[str, Any] | None = None
     stream: bool | None = False
+    stream_options: dict[str, bool | None] | None = None  # OpenAI's; only with stream: true
     return_token_ids: bool | None = False
     raw_output: bool | None = False
     perf_metrics_in_response: bool | None = False
@@ -93,7 +106,6 @@ class CompletionRequest(BaseModel):
     user: str | None = None
 
     # --- OpenAI fields some clients always send; accepted only with neutral values.
-    stream_options: dict[str, Any] | None = None  # usage is always sent when streaming
     suffix: None = None
     best_of: int | None = None
 
@@ -175,6 +187,26 @@ class CompletionRequest(BaseModel):
                 raise _invalid(f"logit_bias keys must be token ids, got {key[:20]!r}")
         return value
 
+    @field_validator("stream_options", mode="plain")
+    @classmethod
+    def _check_stream_options(
+        cls, value: Any, info: ValidationInfo
+    ) -> dict[str, bool | None] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise _wrong_type("stream_options must be an object")
+        for key, flag in value.items():
+            if key not in _STREAM_OPTIONS:
+                known = ", ".join(_STREAM_OPTIONS)
+                raise _invalid(f"stream_options.{key[:40]} is not one of: {known}")
+            if flag is not None and not isinstance(flag, bool):
+                raise _wrong_type(f"stream_options.{key} must be a boolean")
+        # As vLLM: the options say how to stream, so without a stream they are a mistake.
+        if "stream" in info.data and not info.data["stream"]:
+            raise _invalid("stream_options is only allowed with stream: true")
+        return dict(value)
+
     @field_validator("suffix", mode="plain")
     @classmethod
     def _check_suffix(cls, value: Any) -> None:
@@ -211,6 +243,19 @@ class CompletionRequest(BaseModel):
             # echo_last is the more specific ask, so it wins over echo: true.
             return min(self.echo_last, num_prompt_tokens)
         return num_prompt_tokens if self.echo else 0
+
+    @property
+    def stream_usage(self) -> StreamUsage:
+        include = (self.stream_options or {}).get("include_usage")
+        if include is None:
+            return StreamUsage.LAST_CHOICE
+        return StreamUsage.SEPARATE if include else StreamUsage.NONE
+
+    @property
+    def continuous_usage_stats(self) -> bool:
+        """vLLM's: with include_usage, every chunk carries its choice's usage so far."""
+        options = self.stream_options or {}
+        return bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -30,7 +30,7 @@ from fireside.api.prompts import (
     fit_to_context,
     tokenize_prompts,
 )
-from fireside.api.protocol import CompletionRequest
+from fireside.api.protocol import CompletionRequest, StreamUsage
 from fireside.api.responses import SSE_DONE, completion_dict, perf_metrics_dict, sse_event
 from fireside.api.structured import grammar_spec
 from fireside.engine.client import EngineClient
@@ -69,6 +69,7 @@ class CompletionService:
         request_timeout_s: float = 600.0,
         max_prompts: int = 128,
         max_total_tokens: int = 2**20,
+        include_stop_str_in_output: bool = True,
     ) -> None:
         self.engines = dict(engines)
         self.default_max_tokens = default_max_tokens
@@ -78,6 +79,8 @@ class CompletionService:
         self.request_timeout_s = request_timeout_s
         self.max_prompts = max_prompts
         self.max_total_tokens = max_total_tokens  # generated tokens one request may ask for
+        # For requests that do not say: true is the source document's, false OpenAI's.
+        self.include_stop_str_in_output = include_stop_str_in_output
         self._reserved: Counter[str] = Counter()  # engine requests planned, not yet submitted
 
     async def prepare(self, request: CompletionRequest) -> CompletionPlan:
@@ -93,6 +96,10 @@ class CompletionService:
             raise APIError.unavailable()
         check_logit_bias(request.logit_bias_pairs, engine.vocab_size)
         grammar = await _compile_grammar(engine, request)
+        if request.include_stop_str_in_output is None:
+            request = request.model_copy(
+                update={"include_stop_str_in_output": self.include_stop_str_in_output}
+            )
 
         prompts = await tokenize_prompts(engine, request.prompt)
         media: list[Any] = [None] * len(prompts)
@@ -116,6 +123,8 @@ class CompletionService:
             return_token_ids=bool(request.return_token_ids),
             raw_output=bool(request.raw_output),
             perf_metrics=bool(request.perf_metrics_in_response),
+            stream_usage=request.stream_usage,
+            continuous_usage=request.continuous_usage_stats,
         )
         plan = CompletionPlan(
             cmpl_id=f"cmpl-{uuid.uuid4().hex}",
@@ -135,6 +144,11 @@ class CompletionService:
         object.__setattr__(
             plan, "reservation", weakref.finalize(plan, self._release, request.model, count)
         )
+        # Every `start` line gets one `done` line: a plan dropped unrun (the client left
+        # before its stream began) logs it when it goes.
+        done = _DoneLine(plan)
+        object.__setattr__(plan, "done", done)
+        weakref.finalize(plan, done, "aborted").atexit = False
         logger.info(
             "start id=%s model=%s prompts=%d prompt_tokens=%d n=%d stream=%s user=%r",
             plan.cmpl_id,
@@ -235,7 +249,12 @@ class CompletionService:
             async with asyncio.timeout(self.request_timeout_s):
                 await _wait_all(tasks, is_disconnected)
         except TimeoutError:
-            raise _timed_out(plan, self.request_timeout_s) from None
+            error = _timed_out(plan, self.request_timeout_s)
+            plan.done(_end_status(error), choices)
+            raise error from None
+        except BaseException as exc:
+            plan.done(_end_status(exc), choices)
+            raise
         finally:
             await _cancel(tasks)
         for reason in choices.finish_reasons:
@@ -257,13 +276,14 @@ class CompletionService:
             choices.add(prompt, output)
 
     async def stream(self, plan: CompletionPlan) -> AsyncIterator[bytes]:
-        """SSE events: text as it comes, usage last, then `[DONE]`.
+        """SSE events: text as it comes, then `[DONE]`; usage where `_Chunks` puts it.
 
         The caller stopping the iteration (Starlette cancels it when the client
         disconnects) cancels every prompt's task, which aborts its engine request.
         """
         self.counters.add_prompt_tokens(plan.model, plan.num_prompt_tokens)
         choices = Choices(plan)
+        chunks = _Chunks(plan, choices, self.counters)
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         tasks = [
             asyncio.create_task(_pump(plan, prompt, queue))
@@ -275,7 +295,7 @@ class CompletionService:
         try:
             for prompt in plan.prompts:
                 for choice in choices.start(prompt):
-                    yield self._chunk(plan, choice)
+                    yield chunks.of(choice)
             num_running = len(tasks)
             deadline = plan.started_at + self.request_timeout_s
             while num_running:
@@ -288,29 +308,65 @@ class CompletionService:
                     num_running -= 1
                     continue
                 if isinstance(item, APIError):
+                    plan.done(_end_status(item), choices)
                     yield sse_event(item.to_dict())
                     yield SSE_DONE
                     return
                 prompt, output = item
                 for choice in choices.add(prompt, output):
-                    yield self._chunk(plan, choice)
-            perf_metrics = _perf_metrics(plan, choices) if plan.options.perf_metrics else None
-            yield sse_event(
-                completion_dict(
-                    plan.cmpl_id, plan.created, plan.model, [], choices.usage(), perf_metrics
-                )
-            )
+                    yield chunks.of(choice)
+            if plan.options.stream_usage is StreamUsage.SEPARATE:
+                yield chunks.usage()
             yield SSE_DONE
             _observe(self.counters, plan, choices)
         finally:
+            plan.done("aborted", choices)  # unless logged above: the client left
             await _cancel(tasks)
 
-    def _chunk(self, plan: CompletionPlan, choice: dict[str, Any]) -> bytes:
-        # One choice per chunk (as vLLM does): clients that read only choices[0]
-        # still see every choice's text.
+
+class _Chunks:
+    """A stream's chunks, one choice each (as vLLM does): clients that read only
+    `choices[0]` still see every choice's text, and never meet an empty list
+    unless they asked for OpenAI's usage chunk.
+
+    Usage (with the perf metrics, when asked) goes where `stream_options` says:
+    not given, on the chunk that finishes the last choice; `include_usage: true`,
+    on a final chunk of its own with no choices (every other chunk has `usage:
+    null`, or with `continuous_usage_stats` its choice's usage so far, as in
+    vLLM); `include_usage: false`, nowhere.
+    """
+
+    def __init__(self, plan: CompletionPlan, choices: Choices, counters: ServingCounters):
+        self._plan = plan
+        self._choices = choices
+        self._counters = counters
+        self._num_finished = 0
+
+    def of(self, choice: dict[str, Any]) -> bytes:
+        plan, options = self._plan, self._plan.options
+        body = completion_dict(plan.cmpl_id, plan.created, plan.model, [choice])
         if choice["finish_reason"] is not None:
-            self.counters.add_success(plan.model, choice["finish_reason"])
-        return sse_event(completion_dict(plan.cmpl_id, plan.created, plan.model, [choice]))
+            self._counters.add_success(plan.model, choice["finish_reason"])
+            self._num_finished += 1
+        is_last = self._num_finished == plan.num_choices
+        if options.stream_usage is StreamUsage.LAST_CHOICE:
+            body["usage"] = self._choices.usage() if is_last else None
+        elif options.stream_usage is StreamUsage.SEPARATE:
+            continuous = options.continuous_usage
+            body["usage"] = self._choices.choice_usage(choice["index"]) if continuous else None
+        if is_last and options.perf_metrics and options.stream_usage is not StreamUsage.SEPARATE:
+            body["perf_metrics"] = _perf_metrics(plan, self._choices)
+        return sse_event(body)
+
+    def usage(self) -> bytes:
+        """OpenAI's final chunk: no choices, the request's usage."""
+        plan = self._plan
+        perf_metrics = _perf_metrics(plan, self._choices) if plan.options.perf_metrics else None
+        return sse_event(
+            completion_dict(
+                plan.cmpl_id, plan.created, plan.model, [], self._choices.usage(), perf_metrics
+            )
+        )
 
 
 async def _compile_grammar(engine: EngineClient, request: CompletionRequest) -> str | None:
@@ -331,10 +387,11 @@ def _echo_text(
 ) -> str:
     if num_echo_tokens == 0:
         return ""
+    # Control tokens (`<|im_start|>`) render as their text, as in a text prompt.
     if num_echo_tokens < len(token_ids):
-        return engine.detokenize(token_ids[-num_echo_tokens:])
+        return engine.detokenize(token_ids[-num_echo_tokens:], special=True)
     # The whole prompt: as sent, since detokenizing need not give the same string back.
-    return text if text is not None else engine.detokenize(token_ids)
+    return text if text is not None else engine.detokenize(token_ids, special=True)
 
 
 def _perf_metrics(plan: CompletionPlan, choices: Choices) -> dict[str, Any]:
@@ -444,21 +501,8 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
 def _observe(counters: ServingCounters, plan: CompletionPlan, choices: Choices) -> None:
     """Latency histograms and the log line of one finished request (never its text)."""
     total = time.monotonic() - plan.started_at
-    usage = choices.usage()
     ttft = None if choices.first_token_at is None else choices.first_token_at - plan.started_at
-    logger.info(
-        "done id=%s model=%s status=200 stream=%s prompt_tokens=%d cached_tokens=%d "
-        "completion_tokens=%d ttft_s=%s total_s=%.3f finish=%s",
-        plan.cmpl_id,
-        plan.model,
-        plan.stream,
-        usage["prompt_tokens"],
-        usage["prompt_tokens_details"]["cached_tokens"],
-        usage["completion_tokens"],
-        "-" if ttft is None else f"{ttft:.3f}",
-        total,
-        ",".join(sorted(set(choices.finish_reasons))) or "-",
-    )
+    plan.done(200, choices)
     if ttft is None:
         return
     model = plan.model
@@ -469,8 +513,62 @@ def _observe(counters: ServingCounters, plan: CompletionPlan, choices: Choices) 
         itl.observe(gap)
 
 
+class _DoneLine:
+    """The `done` log line of one started request, written once however it ends:
+    `status` is the HTTP status, `aborted` (the client left) or `timeout`. Holds
+    what it needs rather than the plan, so that a plan's finalizer may call it."""
+
+    def __init__(self, plan: CompletionPlan) -> None:
+        self.cmpl_id = plan.cmpl_id
+        self.model = plan.model
+        self.stream = plan.stream
+        self.num_prompt_tokens = plan.num_prompt_tokens
+        self.started_at = plan.started_at
+        self.is_logged = False
+
+    def __call__(self, status: int | str, choices: Choices | None = None) -> None:
+        if self.is_logged:
+            return
+        self.is_logged = True
+        total = time.monotonic() - self.started_at
+        prompt_tokens, cached_tokens, completion_tokens = self.num_prompt_tokens, 0, 0
+        ttft, finish = "-", "-"
+        if choices is not None:
+            usage = choices.usage()
+            prompt_tokens = usage["prompt_tokens"]
+            cached_tokens = usage["prompt_tokens_details"]["cached_tokens"]
+            completion_tokens = usage["completion_tokens"]
+            if choices.first_token_at is not None:
+                ttft = f"{choices.first_token_at - self.started_at:.3f}"
+            finish = ",".join(sorted(set(choices.finish_reasons))) or "-"
+        is_error = status == "timeout" or isinstance(status, int) and status >= 500
+        logger.log(
+            logging.WARNING if is_error else logging.INFO,
+            "done id=%s model=%s status=%s stream=%s prompt_tokens=%d cached_tokens=%d "
+            "completion_tokens=%d ttft_s=%s total_s=%.3f finish=%s",
+            self.cmpl_id,
+            self.model,
+            status,
+            self.stream,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens,
+            ttft,
+            total,
+            finish,
+        )
+
+
+def _end_status(exc: BaseException) -> int | str:
+    """What a `done` line says of a request that ended with this exception."""
+    if isinstance(exc, APIError):
+        return "timeout" if exc.code == "request_timeout" else exc.status
+    if isinstance(exc, ClientDisconnected | asyncio.CancelledError | GeneratorExit):
+        return "aborted"
+    return 500
+
+
 def _timed_out(plan: CompletionPlan, limit: float) -> APIError:
-    logger.warning("completion %s: timed out after %.0fs", plan.cmpl_id, limit)
     return APIError(
         408,
         f"The request took longer than the server's limit of {limit:.0f}s and was stopped.",
