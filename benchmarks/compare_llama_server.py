@@ -8,8 +8,10 @@ starts a fresh server of each kind (cold caches), runs `fireside bench`, stops
 it, and prints the numbers and the ratios to llama-server:
 
 - llama-server on the embedded model file (Q4_1);
-- fireside on the same file (`--weights original`): the same-file comparison;
-- fireside with its defaults (Q4_1 converted once to Q8_0).
+- fireside on the same file (`--weights original`, its default): the same-file
+  comparison;
+- fireside with `--weights auto` (Q4_1 converted once to Q8_0): faster on CPU,
+  but not the same numbers, so it is reported beside, never instead.
 
 One server runs at a time: two would compete for the same cores.
 """

@@ -202,25 +202,57 @@ async def run(url: str, model: str, w: Workload, api_key: str | None = None) -> 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = Workload()
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--concurrency", type=int, default=d.concurrency)
-    parser.add_argument("--requests", type=int, default=d.requests)
-    parser.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
-    parser.add_argument("--shared-prefix-tokens", type=int, default=d.shared_prefix_tokens)
-    parser.add_argument("--output-tokens", type=int, default=d.output_tokens)
-    parser.add_argument("--n", type=int, default=d.n)
-    parser.add_argument("--temperature", type=float, default=d.temperature)
     parser.add_argument(
-        "--no-ignore-eos", dest="ignore_eos", action="store_false", help="stop at end of text"
+        "--url", default="http://127.0.0.1:8000", help="the server's base URL (before /v1)"
     )
-    parser.add_argument("--logprobs", type=int, default=None, help="alternatives per token")
-    parser.add_argument("--echo", action="store_true", help="echo (scored with --logprobs)")
     parser.add_argument(
-        "--constrained", action="store_true", help="response_format: STORY_SCHEMA (JSON)"
+        "--model", default="SmolLM2-135M-Instruct", help="the `model` each request names"
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--api-key", default=None, help="a Bearer key, if the server wants one")
+    parser.add_argument(
+        "--concurrency", type=int, default=d.concurrency, help="requests in flight at once"
+    )
+    parser.add_argument("--requests", type=int, default=d.requests, help="requests in all")
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        default=d.prompt_tokens,
+        help="words per prompt after the shared prefix (common words: about a token each)",
+    )
+    parser.add_argument(
+        "--shared-prefix-tokens",
+        type=int,
+        default=d.shared_prefix_tokens,
+        help="words every prompt starts with (exercises a prefix cache)",
+    )
+    parser.add_argument(
+        "--output-tokens",
+        type=int,
+        default=d.output_tokens,
+        help="max_tokens of each request (exactly this many with --ignore-eos)",
+    )
+    parser.add_argument("--n", type=int, default=d.n, help="samples per request (`n`)")
+    parser.add_argument(
+        "--temperature", type=float, default=d.temperature, help="sampling temperature"
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=d.ignore_eos,
+        help="generate past the end of text (--no-ignore-eos: stop there)",
+    )
+    parser.add_argument(
+        "--logprobs", type=int, default=None, help="ask for logprobs, with N alternatives per token"
+    )
+    parser.add_argument(
+        "--echo", action="store_true", help="echo the prompt (scored too, with --logprobs)"
+    )
+    parser.add_argument(
+        "--constrained",
+        action="store_true",
+        help="constrain the output to a JSON schema (response_format, STORY_SCHEMA)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:

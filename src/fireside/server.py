@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -14,6 +13,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from fireside import logs
 from fireside.api import CompletionService, ModelInfo, create_app
 from fireside.api.status import StatusCounter
 from fireside.cli import ModelSpec, resolve_aliases, resolve_models
@@ -40,15 +40,11 @@ class _Server(uvicorn.Server):
         if self.should_exit or not self.servers:
             return
         host, port = self.servers[0].sockets[0].getsockname()[:2]
-        print(f"fireside: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+        log.info("listening on http://%s:%s", f"[{host}]" if ":" in host else host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
-            print(
-                "fireside: draining: new requests get 503, running ones may finish",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.info("draining: new requests get 503, running ones may finish")
         self.app.state.draining = True
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals once it has stopped, so the process would
@@ -67,19 +63,24 @@ class _Server(uvicorn.Server):
 
 
 class _Progress:
+    """Loading progress by tenths: info once a load has taken a second (a big model),
+    debug before (a small one loads in a blink, and the `loaded` line says so)."""
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.shown = -1
+        self.started = time.perf_counter()
 
     def __call__(self, fraction: float) -> None:
         percent = int(fraction * 100)
         if percent // 10 > self.shown // 10 or percent == 100 and self.shown != 100:
             self.shown = percent
-            print(f"fireside: loading {self.name}: {percent}%", file=sys.stderr, flush=True)
+            level = logging.INFO if time.perf_counter() - self.started >= 1 else logging.DEBUG
+            log.log(level, "loading %s: %d%%", self.name, percent)
 
 
 def _say(text: str) -> None:
-    print(f"fireside: {text}", file=sys.stderr, flush=True)
+    log.info("%s", text)
 
 
 def weights_path(config: ServeConfig, path: str) -> str:
@@ -89,6 +90,27 @@ def weights_path(config: ServeConfig, path: str) -> str:
         return path
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     return weights.convert(path, target, cache_dir, config.threads, say=_say)
+
+
+def adjustments(config: ServeConfig, n_ctx: int, n_batch: int, n_ctx_train: int) -> list[str]:
+    """What llama.cpp (or the model) changed from the flags it was given, in words."""
+    notes = []
+    if n_ctx != config.ctx_size:
+        notes.append(
+            f"--ctx-size {config.ctx_size}: llama.cpp allocated {n_ctx} KV cells (it rounds "
+            "up to a multiple of 256, and to at least one cell per sequence id)"
+        )
+    if n_ctx_train < n_ctx:
+        notes.append(
+            f"--ctx-size {n_ctx}: one request's context is capped at the model's "
+            f"training context, {n_ctx_train} tokens"
+        )
+    if n_batch < config.batch_size:
+        notes.append(
+            f"--batch-size {config.batch_size}: at most {n_batch} tokens a step "
+            "(llama.cpp's batch cannot exceed the context)"
+        )
+    return notes
 
 
 def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
@@ -110,7 +132,8 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
         progress=_Progress(name),
     )
     log.info(
-        "loaded %s in %.1fs: vocab %d, context %d, %d KV cells, %d threads",
+        "model %s: loaded %s in %.1fs: vocab %d, context %d, %d KV cells, %d threads",
+        name,
         path,
         time.perf_counter() - started,
         runner.vocab_size,
@@ -118,6 +141,8 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
         runner.n_ctx,
         threads,
     )
+    for note in adjustments(config, runner.n_ctx, runner.n_batch, runner.n_ctx_train):
+        log.warning("model %s: %s", name, note)
     return Engine(
         runner,
         EngineConfig(
@@ -150,6 +175,7 @@ def serve(config: ServeConfig) -> int:
     service = CompletionService(
         {**engines, **{alias: engines[target] for alias, target in aliases.items()}},
         default_max_tokens=config.default_max_tokens,
+        include_stop_str_in_output=config.include_stop_str_in_output,
         max_image_bytes=config.max_image_bytes,
         max_waiting=config.max_waiting,
         request_timeout_s=config.request_timeout,
@@ -161,20 +187,16 @@ def serve(config: ServeConfig) -> int:
         engines=engines,  # health and metrics per model, not per alias
         test_hooks=os.environ.get("FIRESIDE_TEST_HOOKS") == "1",
     )
-    if not config.api_keys:
-        print(
-            "fireside: WARNING: no API key configured (--api-key or FIRESIDE_API_KEYS): "
-            "anyone who can reach this port can use the server",
-            file=sys.stderr,
-            flush=True,
-        )
+    for alias, target in aliases.items():
+        log.info("model %s: also served as %s", target, alias)
     server = _Server(
         uvicorn.Config(
             StatusCounter(app, service.counters.responses),
             host=config.host,
             port=config.port,
-            log_level="warning",
-            access_log=False,
+            log_config=None,  # uvicorn logs through ours (fireside.logs), in one format
+            log_level=logs.uvicorn_level(config.log_level),
+            access_log=False,  # the service logs each request once (start, done, refused)
             timeout_graceful_shutdown=math.ceil(config.shutdown_grace),
         ),
         app,

@@ -16,15 +16,11 @@ MODEL = "SmolLM2-135M-Instruct"
 
 
 def served_weights() -> str:
-    """The GGUF file the test servers compute with (the default: Q4_1 converted to Q8_0).
-
-    References must run on the same weights; the conversion is cached, so this is
-    the very file the server loaded.
-    """
+    """The GGUF file the test servers compute with: the embedded model as shipped
+    (`--weights original`, the default). References must run on the same file."""
     from fireside.models import default_model_path
-    from fireside.runner import weights
 
-    return weights.convert(str(default_model_path()), "q8_0", say=lambda _: None)
+    return str(default_model_path())
 
 
 def _start(*flags: str, env_extra: dict[str, str] | None = None):
@@ -34,20 +30,27 @@ def _start(*flags: str, env_extra: dict[str, str] | None = None):
     url = None
     deadline = time.time() + 120
     assert proc.stderr is not None
+    proc.log_lines = []  # its stderr, line by line, for tests of the log
     while time.time() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
+        proc.log_lines.append(line)
         m = re.search(r"listening on (http://\S+)", line)
         if m:
             url = m.group(1)
             break
     if url is None:
         proc.kill()
-        pytest.fail("the server did not start")
+        pytest.fail("the server did not start:\n" + "".join(proc.log_lines[-20:]))
     # Keep reading its log, or a full pipe would block the server mid-request.
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    threading.Thread(target=_keep_reading, args=(proc,), daemon=True).start()
     return proc, url
+
+
+def _keep_reading(proc: subprocess.Popen) -> None:
+    for line in proc.stderr:
+        proc.log_lines.append(line)
 
 
 @pytest.fixture(scope="session")
