@@ -133,3 +133,20 @@ def test_echo_and_truncate_vs_error(client):
     )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_echo_renders_control_tokens_the_same_for_text_and_token_id_prompts(client):
+    """Issue 11: `[0, 0, 0]` echoed as "" while a text prompt kept `<|im_start|>`."""
+    text = "<|im_start|>user\nHi<|im_end|>"
+    ids = client.post("/tokenize", json={"prompt": text}).json()["tokens"]
+    fields = {"echo": True, "logprobs": 1, "max_tokens": 0}
+    by_text = _complete(client, prompt=text, **fields)["choices"][0]
+    by_ids = _complete(client, prompt=ids, **fields)["choices"][0]
+    assert by_text["text"] == by_ids["text"] == text
+    assert by_text["logprobs"]["tokens"] == by_ids["logprobs"]["tokens"]
+    assert by_ids["logprobs"]["tokens"][0] == "<|im_start|>"
+    assert "".join(by_ids["logprobs"]["tokens"]) == text
+    zeros = _complete(client, prompt=[0, 0, 0], **fields)["choices"][0]
+    assert zeros["text"] == "<|endoftext|>" * 3
+    assert zeros["logprobs"]["tokens"] == ["<|endoftext|>"] * 3
+    assert zeros["logprobs"]["text_offset"] == [0, 13, 26]
