@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
+from fireside.config import ServeConfig
+from fireside.engine.engine import EngineConfig
 from fireside.engine.kv import KVLedger
 from fireside.runner.base import Batch, KVCacheFull
 
@@ -19,9 +23,14 @@ class FakeRunner:
     n_batch = 32
     n_seq_max = 8
     add_bos = False
+    n_threads = 1
+    media = None  # no vision projector
 
     def __init__(self) -> None:
         self.cells: dict[int, set[int]] = {}
+
+    def grammar_tokenizer(self) -> None:
+        return None  # no constrained output
 
     def tokenize(self, text: str) -> list[int]:
         return [3 + ord(c) % 40 for c in text]
@@ -65,6 +74,11 @@ class CellRunner:
     n_batch = 64
     n_seq_max = 64
     add_bos = False
+    n_threads = 1
+    media = None  # no vision projector
+
+    def grammar_tokenizer(self) -> None:
+        return None  # no constrained output
 
     def __init__(self, n_ctx: int = 512) -> None:
         self.n_ctx = n_ctx
@@ -127,3 +141,25 @@ class CellRunner:
         for c in self.cells:
             if c is not None and src in c[2] and start <= c[0] < end:
                 c[2].add(dst)
+
+
+def engine_config(**overrides: Any) -> EngineConfig:
+    """The engine settings `fireside serve` uses with no flags (from `ServeConfig`,
+    through the server's own mapping), with `overrides`."""
+    from fireside.server import engine_config as served
+
+    return replace(served(ServeConfig()), **overrides)
+
+
+def service_settings(**overrides: Any) -> dict[str, Any]:
+    """`CompletionService` keyword arguments as `fireside serve` passes them with no
+    flags (from `ServeConfig`), with `overrides`."""
+    served = ServeConfig()
+    settings: dict[str, Any] = {
+        "default_max_tokens": served.default_max_tokens,
+        "max_image_bytes": served.max_image_bytes,
+        "max_waiting": served.max_waiting,
+        "request_timeout_s": served.request_timeout,
+        "include_stop_str_in_output": served.include_stop_str_in_output,
+    }
+    return settings | overrides

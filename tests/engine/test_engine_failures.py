@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 
-from fireside.engine.engine import Engine, EngineConfig
+from fireside.engine.engine import Engine
 from fireside.engine.types import EngineRequest, SamplingParams
 from fireside.runner.base import Batch
-from tests.fakes import FakeRunner
+from tests.fakes import FakeRunner, engine_config
 
 POISON = 13
 
@@ -37,7 +37,7 @@ def run(engine: Engine, prompt: tuple[int, ...]) -> tuple[str | None, int]:
 
 def test_a_failing_step_fails_its_request_and_the_engine_goes_on():
     runner = PoisonRunner()
-    engine = Engine(runner, EngineConfig(max_running=4, token_budget=32, cache_entries=0))
+    engine = Engine(runner, engine_config(max_running=4, token_budget=32, cache_entries=0))
     engine.start()
     try:
         error, _ = run(engine, (3, POISON, 5))
@@ -50,7 +50,7 @@ def test_a_failing_step_fails_its_request_and_the_engine_goes_on():
 
 
 def test_failing_again_and_again_stops_the_engine():
-    engine = Engine(PoisonRunner(), EngineConfig(max_running=4, token_budget=32))
+    engine = Engine(PoisonRunner(), engine_config(max_running=4, token_budget=32))
     engine.start()
     try:
         for _ in range(3):

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 
-from fireside.engine.engine import Engine, EngineConfig
+from fireside.engine.engine import Engine
 from fireside.engine.types import EngineRequest, SamplingParams
-from tests.fakes import FakeRunner
+from tests.fakes import FakeRunner, engine_config
 
 
 def test_preemption_finishes_everything_and_frees_the_cache():
     runner = FakeRunner()
-    engine = Engine(runner, EngineConfig(max_running=8, token_budget=32, cache_entries=0))
+    engine = Engine(runner, engine_config(max_running=8, token_budget=32, cache_entries=0))
     engine.start()
 
     async def run(i: int) -> int:

@@ -12,10 +12,10 @@ import dataclasses
 
 import numpy as np
 
-from fireside.engine.engine import Engine, EngineConfig
+from fireside.engine.engine import Engine
 from fireside.engine.types import EngineRequest, FinishReason, SamplingParams
 from fireside.runner.base import Batch
-from tests.fakes import FakeRunner
+from tests.fakes import FakeRunner, engine_config
 
 
 def peak(pos: int, vocab: int) -> int:
@@ -63,7 +63,7 @@ def check_scores(prompt: tuple[int, ...], scores, start: int, vocab: int) -> Non
 
 def test_prompt_scores_come_once_in_the_first_output_with_positions_right():
     runner = PositionRunner()
-    engine = Engine(runner, EngineConfig(max_running=8, token_budget=32, cache_entries=0))
+    engine = Engine(runner, engine_config(max_running=8, token_budget=32, cache_entries=0))
     engine.scheduler.config = dataclasses.replace(engine.scheduler.config, max_scored_rows=12)
     engine.start()
     prompt = tuple((3 * i + 1) % 50 for i in range(45))

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fireside.engine.engine import Engine, EngineConfig
+from fireside.engine.engine import Engine
 from fireside.engine.types import EngineRequest, RequestOutput, SamplingParams
-from tests.fakes import CellRunner
+from tests.fakes import CellRunner, engine_config
 
 # Prompts come from a few families so that they share prefixes (cache hits).
 FAMILIES = [[3 + (7 * i + f * 11) % 60 for i in range(512)] for f in range(3)]
@@ -44,7 +44,7 @@ class Driver:
         runner = CellRunner(n_ctx)
         engine = Engine(
             runner,
-            EngineConfig(
+            engine_config(
                 max_running=max_running,
                 token_budget=32,
                 cache_entries=cache_entries,
@@ -53,7 +53,7 @@ class Driver:
         )
         runner.ledger = engine.scheduler.ledger
         driver = cls(engine, runner)
-        engine._emit = driver._collect  # type: ignore[method-assign]
+        engine.core.publish = driver._collect
         forward = runner.forward
 
         def counted_forward(batch):
@@ -68,12 +68,12 @@ class Driver:
         return driver
 
     def _collect(self, outputs) -> None:
-        for _state, out in outputs:
+        for _sink, out in outputs:
             self.outputs.setdefault(out.request_id, []).append(out)
 
     def submit(self, rid: str, prompt: list[int], max_tokens: int, n: int, seed: int) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, n=n)
-        self.engine._submit(EngineRequest(rid, tuple(prompt), params), sink=None)
+        self.engine.core.submit(EngineRequest(rid, tuple(prompt), params), sink=None)
         self.expected[rid] = min(max_tokens, self.engine.context_length - len(prompt))
 
     def live(self) -> list[str]:
@@ -167,7 +167,7 @@ def test_random_workloads_finish_and_the_ledger_matches_the_cells(
     assert not sched.running and not sched.waiting
     sched.clear_cache()
     assert d.runner.used == 0 and sched.ledger.used == 0
-    assert sorted(sched._free_slots) == list(range(d.runner.n_seq_max))
+    assert sorted(sched.kv.free_slots) == list(range(d.runner.n_seq_max))
 
 
 def test_a_request_that_fills_the_context_does_not_wedge_the_next_one():

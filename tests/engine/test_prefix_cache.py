@@ -11,17 +11,17 @@ import asyncio
 
 import pytest
 
-from fireside.engine.engine import Engine, EngineConfig
+from fireside.engine.engine import Engine
 from fireside.engine.kv import KVLedger, common_prefix
 from fireside.engine.types import EngineRequest, SamplingParams
-from tests.fakes import CellRunner
+from tests.fakes import CellRunner, engine_config
 
 
 def make_engine(n_ctx: int = 2048, cache_entries: int = 8, **kwargs) -> tuple[Engine, CellRunner]:
     runner = CellRunner(n_ctx)
     engine = Engine(
         runner,
-        EngineConfig(max_running=8, token_budget=64, cache_entries=cache_entries, **kwargs),
+        engine_config(max_running=8, token_budget=64, cache_entries=cache_entries, **kwargs),
     )
     runner.ledger = engine.scheduler.ledger
     engine.start()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from fireside.engine.types import (
     EngineRequest,
@@ -12,7 +12,7 @@ from fireside.engine.types import (
     PromptImage,
     RequestOutput,
 )
-from fireside.runner.base import TokenizerInfo
+from fireside.runner.base import MediaPrompt, TokenizerInfo
 
 
 class EngineClient(Protocol):
@@ -57,7 +57,9 @@ class EngineClient(Protocol):
         """The model has a vision projector."""
         ...
 
-    def tokenize_media(self, text: str, images: Sequence[PromptImage]) -> tuple[list[int], Any]:
+    def tokenize_media(
+        self, text: str, images: Sequence[PromptImage]
+    ) -> tuple[list[int], MediaPrompt]:
         """Token ids of a prompt with one `<image>` marker per image, and the media
         handle for `EngineRequest.media`. Image positions hold negative ids.
         Slow (image preprocessing): call it off the event loop. ValueError if it fails.

@@ -51,8 +51,9 @@ class Detokenizer:
         if not self.stopped:
             self.text += self._decoder.decode(b"", final=True)
 
-    def take(self, final: bool) -> str:
-        """Text not yet released; a possible stop-string prefix is kept unless final."""
+    def pop_text(self, final: bool) -> str:
+        """Text not yet released, now released; a possible stop-string prefix is held
+        back unless final."""
         end = len(self.text) if final or self.stopped else len(self.text) - self._held()
         if end <= self._released:
             return ""

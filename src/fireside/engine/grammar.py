@@ -2,7 +2,7 @@
 
 `Grammars` owns the model's llguidance tokenizer (built once, ~0.2 s) and an LRU
 cache of compiled grammars: a request with a schema seen before gets a copy of
-an already-built matcher. Each constrained sequence holds its own matcher; every
+an already-built matcher. Each constrained sample holds its own matcher; every
 step, the masks of all constrained rows are computed together on llguidance's
 thread pool, then applied to the logits in numpy.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import llguidance
 import numpy as np
+import numpy.typing as npt
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
 from fireside.engine.types import GrammarError, GrammarSpec
@@ -38,13 +39,14 @@ _CACHE_SIZE = 64
 class Grammars:
     def __init__(
         self,
-        make_tokenizer: Callable[[], llguidance.LLTokenizer],
-        num_threads: int = 1,
+        make_tokenizer: Callable[[], llguidance.LLTokenizer | None],
+        num_threads: int,
         cache_size: int = _CACHE_SIZE,
     ) -> None:
-        self._make_tokenizer = make_tokenizer
+        self._make_tokenizer = make_tokenizer  # None: the model cannot constrain output
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._executor = llguidance.LLExecutor(num_threads)
+        self._num_threads = num_threads
+        self._executor: llguidance.LLExecutor | None = None  # made at the first mask
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # compile runs on the API side, matchers on the engine's
@@ -53,9 +55,12 @@ class Grammars:
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
+        """Built on first use; GrammarError when the model has none."""
         with self._lock:
             if self._tokenizer is None:
                 self._tokenizer = self._make_tokenizer()
+            if self._tokenizer is None:
+                raise GrammarError("this model does not support constrained output")
             return self._tokenizer
 
     def compile(self, spec: GrammarSpec) -> str:
@@ -84,12 +89,14 @@ class Grammars:
                 self._cache.popitem(last=False)
         return template
 
-    def mask(self, rows: np.ndarray, matchers: Sequence[llguidance.LLMatcher]) -> None:
+    def mask(self, rows: npt.NDArray[np.float32], matchers: Sequence[llguidance.LLMatcher]) -> None:
         """Set every token a row's matcher forbids to -inf, in place (rows[i] <-> matchers[i])."""
         started = time.perf_counter()
         vocab = rows.shape[1]
         bitmask = allocate_token_bitmask(len(matchers), vocab)
         targets = [(m, i) for i, m in enumerate(matchers)]
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(self._num_threads)
         fill_next_token_bitmask_par(self._executor, targets, bitmask)
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
         for i in range(len(matchers)):
@@ -100,6 +107,16 @@ class Grammars:
             row[allowed[i] == 0] = -np.inf
         self.num_masks += len(matchers)
         self.mask_seconds += time.perf_counter() - started
+
+
+def consume(matcher: llguidance.LLMatcher, token: int) -> bool:
+    """Feed a sampled token to a sample's matcher; False once the grammar is done.
+
+    A matcher in error (it cannot happen with the mask applied, but a grammar bug
+    must not loop forever) ends the sample too.
+    """
+    matcher.consume_token(token)
+    return not (matcher.is_stopped() or matcher.is_error())
 
 
 def _to_llguidance(spec: GrammarSpec) -> str:

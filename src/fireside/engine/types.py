@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
+
+from fireside.runner.base import MediaPrompt
 
 
 class FinishReason(StrEnum):
@@ -92,7 +95,7 @@ class TokenLogprob:
 class PromptImage:
     """A decoded image: RGB pixels ([height, width, 3] uint8) and its bytes' sha256."""
 
-    rgb: np.ndarray
+    rgb: npt.NDArray[np.uint8]
     digest: bytes
 
 
@@ -101,7 +104,7 @@ class EngineRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]  # image positions hold negative placeholder ids
     params: SamplingParams
-    media: Any = None  # the runner's tokenized images (EngineClient.tokenize_media), if any
+    media: MediaPrompt | None = None  # the prompt's images (EngineClient.tokenize_media)
 
 
 @dataclass(frozen=True)

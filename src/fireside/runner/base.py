@@ -1,12 +1,20 @@
-"""The narrow interface the engine needs from a model."""
+"""The narrow interface the engine needs from a model: `Runner`, and `Media` for images.
+
+Nothing here imports llama.cpp: `runner.llamacpp` and `runner.media` implement
+these protocols on it, and the engine sees only what is declared here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import llguidance
 
 
 @dataclass
@@ -57,8 +65,64 @@ class KVCacheFull(Exception):
     """The KV cache had no room for the batch; nothing was computed."""
 
 
+@dataclass
+class ImageSpan:
+    """One image of a tokenized prompt: the positions it fills, computed whole."""
+
+    start: int  # first position of the image in the prompt
+    num_pos: int  # positions it occupies
+    num_tokens: int  # embeddings it produces
+    # The runner's own handle to compute it, opaque above the runner (runner.media:
+    # an owned mtmd input chunk); None once `MediaPrompt.close` freed it.
+    chunk: Any
+
+
+class MediaPrompt(Protocol):
+    """A prompt with images as `Media.tokenize` made it; the engine keeps it in
+    `EngineRequest.media` until the request ends."""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The prompt's tokens; image positions hold negative placeholder ids."""
+        ...
+
+    @property
+    def spans(self) -> Sequence[ImageSpan]:
+        """The images, in prompt order."""
+        ...
+
+    def close(self) -> None:
+        """Free the images' chunks (their KV, if cached, stays). Safe to call twice."""
+        ...
+
+
+class Media(Protocol):
+    """A model's vision projector: prompts with images in, image KV into a sequence."""
+
+    def tokenize(
+        self, text: str, images: Sequence[npt.NDArray[np.uint8]], digests: Sequence[bytes]
+    ) -> MediaPrompt:
+        """Text with one `<image>` marker per image (RGB uint8 [height, width, 3], with
+        its bytes' sha256) to a prompt. Slow: image preprocessing. Any thread.
+        ValueError when the images or the text cannot be tokenized."""
+        ...
+
+    def evaluate(
+        self, span: ImageSpan, seq_id: int, want_logits: bool
+    ) -> npt.NDArray[np.float32] | None:
+        """Encode one image of a prompt this Media tokenized and decode its embeddings
+        into `seq_id` at `span.start`. Engine thread only. Returns the logits after its
+        last position when asked (a prompt that ends with an image picks its first
+        token from them), a copy that later calls leave alone."""
+        ...
+
+
 class Runner(Protocol):
-    """A loaded model with one context holding several sequences."""
+    """A loaded model with one context holding several sequences.
+
+    `forward`, `seq_remove` and `seq_copy` run on the engine thread only; the
+    tokenizer's methods run on any thread.
+    """
 
     vocab_size: int
     n_ctx: int  # KV cells shared by all sequences
@@ -66,6 +130,17 @@ class Runner(Protocol):
     n_batch: int  # most tokens one forward call accepts
     n_seq_max: int  # sequence ids are in [0, n_seq_max)
     add_bos: bool
+    n_threads: int  # compute threads; the grammar masks use as many
+
+    @property
+    def media(self) -> Media | None:
+        """The vision projector, when the model takes images."""
+        ...
+
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer | None:
+        """llguidance's tokenizer for this vocabulary, for constrained output (built on
+        the first constrained request, so it may be slow); None when there is none."""
+        ...
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Token ids of text, special tokens parsed; with `add_special`, BOS (and EOS)
@@ -85,7 +160,7 @@ class Runner(Protocol):
         """True for end-of-generation tokens."""
         ...
 
-    def forward(self, batch: Batch) -> np.ndarray:
+    def forward(self, batch: Batch) -> npt.NDArray[np.float32]:
         """Run the batch; return float32 logits, one row per token that asked for them.
 
         The array may be a view of the runner's own buffer, valid until the next

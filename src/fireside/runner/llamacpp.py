@@ -1,8 +1,8 @@
 """The runner on llama.cpp's C API, through llama-cpp-python's low-level bindings.
 
 One model, one context, `n_seq_max` sequences in a unified KV cache (so
-`seq_copy` shares cells instead of copying them). Only this module imports
-llama_cpp.
+`seq_copy` shares cells instead of copying them). Implements `runner.base.Runner`.
+Only the runner package (this module, `media.py`, `weights.py`) imports llama_cpp.
 """
 
 from __future__ import annotations
@@ -13,30 +13,38 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from fireside.runner.base import Batch, KVCacheFull, LoadError, TokenizerInfo
-from fireside.runner.media import Media
+from fireside.runner.media import MtmdMedia
+
+if TYPE_CHECKING:
+    import llguidance
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LlamaCppConfig:
+    """The server settings have no defaults here: `server.py` fills them from
+    `config.ServeConfig`, the one place they live."""
+
     model_path: str
-    n_ctx: int = 8192  # KV cells shared by all sequences
-    n_batch: int = 512
-    n_seq_max: int = 128
-    n_threads: int = 0  # 0: the cores this process may use
-    flash_attn: bool = False
+    n_ctx: int  # KV cells shared by all sequences; `--ctx-size`
+    n_batch: int  # `--batch-size`
+    n_seq_max: int  # sequence ids: running samples plus cached prefixes
+    n_threads: int  # 0: the cores this process may use; `--threads`
+    flash_attn: bool  # `--flash-attn`
+    mmproj_path: str | None  # a vision projector (libmtmd): the model accepts images
+    # Not server settings: llama.cpp's own log, and a switch for measuring.
     verbose: bool = False
     # One KV pool for all sequences: forks (n > 1, the prefix cache) share cells for
     # free. False gives each sequence its own n_ctx / n_seq_max cells (for measuring).
     kv_unified: bool = True
-    mmproj_path: str | None = None  # a vision projector (libmtmd): the model accepts images
 
 
 def context_shape(config: LlamaCppConfig) -> tuple[int, int]:
@@ -82,14 +90,17 @@ def init_backend(verbose: bool = False) -> None:
     _backend_ready = True
 
 
-@llama_cpp.llama_log_callback
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if level == _GGML_LOG_LEVEL_ERROR:
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 
+# The ctypes callback llama.cpp calls; module-level, so it lives as long as the process.
+_quiet_log_callback = llama_cpp.llama_log_callback(_quiet_log)
+
+
 def _silence_llama_logs() -> None:
-    llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_quiet_log_callback, ctypes.c_void_p(0))
 
 
 class LlamaCppRunner:
@@ -164,9 +175,9 @@ class LlamaCppRunner:
         self._logits_view = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
         self._nseq_view[:] = 1
         self._seq_slot = [self._batch.seq_id[i] for i in range(self.n_batch)]
-        self.media: Media | None = None
+        self.media: MtmdMedia | None = None
         if config.mmproj_path is not None:
-            self.media = Media(config.mmproj_path, model, ctx, n_threads, self.n_batch)
+            self.media = MtmdMedia(config.mmproj_path, model, ctx, n_threads, self.n_batch)
 
     # -- model facts -------------------------------------------------------
 
@@ -215,7 +226,7 @@ class LlamaCppRunner:
             chat_template=template.decode("utf-8", "replace") if template else None,
         )
 
-    def grammar_tokenizer(self) -> Any:
+    def grammar_tokenizer(self) -> llguidance.LLTokenizer:
         """llguidance's tokenizer for this vocabulary (~0.2 s to build)."""
         from llguidance.llamacpp import lltokenizer_from_vocab
 
@@ -228,7 +239,7 @@ class LlamaCppRunner:
 
     # -- compute -----------------------------------------------------------
 
-    def forward(self, batch: Batch) -> np.ndarray:
+    def forward(self, batch: Batch) -> npt.NDArray[np.float32]:
         n = len(batch)
         if n == 0 or n > self.n_batch:
             raise ValueError(f"batch of {n} tokens; the context takes 1..{self.n_batch}")
@@ -236,8 +247,8 @@ class LlamaCppRunner:
         self._pos_view[:n] = batch.positions
         self._logits_view[:n] = batch.want_logits
         slots = self._seq_slot
-        for i, seq in enumerate(batch.seq_ids):
-            slots[i][0] = seq
+        for i, seq_id in enumerate(batch.seq_ids):
+            slots[i][0] = seq_id
         self._batch.n_tokens = n
         rc = llama_cpp.llama_decode(self._ctx, self._batch)
         if rc == 1:

@@ -6,7 +6,8 @@ many positions as it has embeddings. Those positions hold placeholder ids
 tokens, but they make two prompts with the same image at the same place compare
 equal, so the prefix cache reuses an image's KV instead of encoding it again.
 The image chunks themselves are kept (mtmd chunk copies) until the request ends,
-and evaluated into a sequence with `Media.evaluate`.
+and evaluated into a sequence with `MtmdMedia.evaluate`. `MtmdMedia` and
+`MtmdPrompt` implement `runner.base.Media` and `runner.base.MediaPrompt`.
 """
 
 from __future__ import annotations
@@ -15,25 +16,19 @@ import ctypes
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
+import numpy.typing as npt
+
+from fireside.runner.base import ImageSpan
 
 MARKER = "<image>"  # the API's marker; replaced by mtmd's own before tokenizing
 
 
 @dataclass
-class ImageSpan:
-    start: int  # first position of the image in the prompt
-    num_pos: int  # positions it occupies
-    num_tokens: int  # embeddings it produces
-    chunk: Any  # an owned mtmd_input_chunk_p
-
-
-@dataclass
-class MediaPrompt:
+class MtmdPrompt:
     """A tokenized prompt with images; `close()` frees the image chunks."""
 
     token_ids: list[int]
@@ -54,10 +49,17 @@ def placeholder(digest: bytes) -> int:
     return -1 - int.from_bytes(digest[:7], "big")
 
 
-class Media:
+class MtmdMedia:
     """The projector of one model, bound to its llama.cpp context."""
 
-    def __init__(self, mmproj_path: str, model: Any, ctx: Any, n_threads: int, n_batch: int):
+    def __init__(
+        self,
+        mmproj_path: str,
+        model: llama_cpp.llama_model_p,
+        ctx: llama_cpp.llama_context_p,
+        n_threads: int,
+        n_batch: int,
+    ) -> None:
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = False
         params.n_threads = n_threads
@@ -80,9 +82,9 @@ class Media:
         self._batch = llama_cpp.llama_batch_init(n_batch, self._n_embd, 1)
 
     def tokenize(
-        self, text: str, images: Sequence[np.ndarray], digests: Sequence[bytes]
-    ) -> MediaPrompt:
-        """Text with one `<image>` marker per image (RGB uint8 arrays) to a MediaPrompt."""
+        self, text: str, images: Sequence[npt.NDArray[np.uint8]], digests: Sequence[bytes]
+    ) -> MtmdPrompt:
+        """Text with one `<image>` marker per image (RGB uint8 arrays) to a prompt."""
         data = text.replace(MARKER, self._marker.decode()).encode()
         bitmaps = []
         for rgb, digest in zip(images, digests, strict=True):
@@ -96,7 +98,7 @@ class Media:
             mtmd.mtmd_bitmap_set_id(bitmap, digest.hex().encode())
             bitmaps.append(bitmap)
         chunks = mtmd.mtmd_input_chunks_init()
-        prompt = MediaPrompt([])
+        prompt = MtmdPrompt([])
         try:
             text_in = mtmd.mtmd_input_text(data, len(data), True, True)
             array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
@@ -133,7 +135,9 @@ class Media:
                 mtmd.mtmd_bitmap_free(bitmap)
         return prompt
 
-    def evaluate(self, span: ImageSpan, seq_id: int, want_logits: bool) -> np.ndarray | None:
+    def evaluate(
+        self, span: ImageSpan, seq_id: int, want_logits: bool
+    ) -> npt.NDArray[np.float32] | None:
         """Encode an image and decode its embeddings into a sequence at span.start.
 
         Returns the logits after the image's last position when asked (an image at
@@ -157,8 +161,8 @@ class Media:
         return logits
 
     def _decode(
-        self, span: ImageSpan, embd: np.ndarray, seq_id: int, want_logits: bool
-    ) -> np.ndarray | None:
+        self, span: ImageSpan, embd: npt.NDArray[np.float32], seq_id: int, want_logits: bool
+    ) -> npt.NDArray[np.float32] | None:
         batch = self._batch
         logits = None
         for lo in range(0, span.num_tokens, self._n_batch):

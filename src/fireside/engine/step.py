@@ -1,0 +1,261 @@
+"""The model's part of one engine step: chunks to a batch, the batch to logits,
+logits to tokens and outputs.
+
+`StepExecutor` does it in three calls, each on the engine thread:
+
+- `build_batch`: the scheduled chunks as one `runner.Batch`, asking for logits
+  only where they are needed (the last prompt position, every decode token,
+  every scored prompt position), with the row each of them will get;
+- `forward`: one `Runner.forward` over the batch, then each image encoded and
+  decoded into its sample, as one logits array;
+- `postprocess`: prompt scores, the fork of finished prompts to all samples,
+  sampling (grammar masks, penalties, logprobs), stop checks, and each
+  request's output. It changes no scheduler state: it returns the
+  `StepUpdate` that the engine hands to `Scheduler.postprocess`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from fireside.engine import grammar
+from fireside.engine.grammar import Grammars
+from fireside.engine.request import Request, Sample
+from fireside.engine.sampler import History, logprobs_of, sample_rows
+from fireside.engine.scheduler import Chunk, StepUpdate
+from fireside.engine.types import EngineStats, FinishReason, RequestOutput, TokenLogprob
+from fireside.runner.base import Batch, KVCacheFull, Runner
+
+log = logging.getLogger("fireside.engine.engine")  # as in core.py
+
+Logits = npt.NDArray[np.float32]
+
+
+@dataclass
+class _ScoredRows:
+    chunk: Chunk
+    first_pos: int  # the position whose logits are the first row
+    count: int
+    first_row: int
+
+
+@dataclass
+class StepPlan:
+    """One step's batch, and which logits row serves what."""
+
+    chunks: list[Chunk]
+    batch: Batch = field(default_factory=Batch)
+    images: list[Chunk] = field(default_factory=list)  # computed after the batch, in order
+    to_sample: list[tuple[Chunk, int]] = field(default_factory=list)  # chunk, its logits row
+    scored: list[_ScoredRows] = field(default_factory=list)  # prompt positions scored
+    num_rows: int = 0  # logits rows the batch gives (the images' rows come after)
+
+
+@dataclass
+class StepResult:
+    update: StepUpdate  # for Scheduler.postprocess
+    outputs: list[tuple[Request, RequestOutput]]  # one per request with something new
+    finished: list[Request]  # requests whose every sample is done
+
+
+class StepExecutor:
+    def __init__(self, runner: Runner, grammars: Grammars, stats: EngineStats) -> None:
+        self.runner = runner
+        self.grammars = grammars
+        self.stats = stats  # counters this module adds to
+        self.context_length = min(runner.n_ctx_train, runner.n_ctx)
+
+    # -- build the batch ---------------------------------------------------
+
+    def build_batch(self, chunks: list[Chunk]) -> StepPlan:
+        plan = StepPlan(chunks)
+        batch = plan.batch
+        for c in chunks:
+            if c.image is not None:
+                plan.images.append(c)
+                continue
+            sample, end = c.sample, c.start + c.count
+            lo, hi = _scored_positions(c)
+            for pos in range(c.start, end):
+                batch.add(sample.tokens[pos], pos, sample.seq_id, lo <= pos < hi)
+            if hi > lo:
+                plan.scored.append(_ScoredRows(c, lo, hi - lo, plan.num_rows))
+                plan.num_rows += hi - lo
+            if c.reaches_end and sample.request.params.max_tokens > 0:
+                batch.want_logits[-1] = True
+                plan.to_sample.append((c, plan.num_rows))
+                plan.num_rows += 1
+        return plan
+
+    # -- forward -----------------------------------------------------------
+
+    def forward(self, plan: StepPlan) -> Logits | None:
+        """Run the batch, then the images; None (nothing computed) if llama.cpp found
+        no KV room. Rows for images that pick a token join `plan.to_sample`."""
+        batch = plan.batch
+        try:
+            logits = self.runner.forward(batch) if len(batch) else None
+        except KVCacheFull:
+            # Our count said it fits; llama.cpp's placement disagreed. Nothing was
+            # computed: the scheduler makes room and the step runs again.
+            log.warning("llama.cpp found no KV room for a %d-token batch", len(batch))
+            return None
+        # Then images: each is encoded and its embeddings decoded into its sample.
+        image_rows: list[Logits] = []
+        if plan.images and logits is not None:
+            logits = logits.copy()  # a view of llama.cpp's buffer, which the images overwrite
+        media = self.runner.media
+        for c in plan.images:
+            if media is None or c.image is None:
+                raise RuntimeError("an image chunk for a model without a vision projector")
+            want = c.reaches_end and c.sample.request.params.max_tokens > 0
+            row = media.evaluate(c.image, c.sample.seq_id, want)
+            if row is not None:
+                plan.to_sample.append((c, plan.num_rows + len(image_rows)))
+                image_rows.append(row)
+        if logits is None:
+            logits = np.empty((0, self.runner.vocab_size), dtype=np.float32)
+        if image_rows:
+            logits = np.vstack([logits, *image_rows])
+        return logits
+
+    # -- postprocess -------------------------------------------------------
+
+    def postprocess(self, plan: StepPlan, logits: Logits) -> StepResult:
+        """Scores, tokens and outputs from the step's logits. Scheduler state is left
+        alone: what changes there comes back as `StepResult.update`."""
+        update = StepUpdate(plan.chunks)
+        self.stats.steps_total += 1
+        for c in plan.chunks:
+            self.stats.prefill_tokens_total += max(
+                0, min(c.start + c.count, c.sample.num_prompt) - c.start
+            )
+        for scored in plan.scored:
+            scored_logits = logits[scored.first_row : scored.first_row + scored.count]
+            _score_prompt(scored.chunk.sample.request, scored_logits, scored.first_pos)
+
+        with_output: dict[int, Request] = {}  # by id(), in the order they came
+        for c in plan.chunks:
+            request = c.sample.request
+            if c.reaches_end and request.params.max_tokens == 0:
+                # Scoring only (echo with logprobs): the prompt is done, nothing to generate.
+                for s in request.samples:
+                    s.finish_reason = FinishReason.LENGTH
+                    update.finished.append(s)
+                with_output[id(request)] = request
+
+        rows: list[int] = []  # each sample's logits row
+        samples: list[Sample] = []
+        for c, row in plan.to_sample:
+            request = c.sample.request
+            if not request.forked and request not in update.shared:
+                # Prefill once, decode n ways: the other samples share the prompt's cells.
+                update.shared.append(request)
+                for s in request.samples:
+                    if not s.is_finished:
+                        samples.append(s)
+                        rows.append(row)
+            else:
+                samples.append(c.sample)
+                rows.append(row)
+        if samples:
+            self._sample(logits[rows], samples)
+            for s in samples:
+                with_output[id(s.request)] = s.request
+                if s.is_finished:
+                    update.finished.append(s)
+            self.stats.generated_tokens_total += len(samples)
+
+        outputs = [(r, r.pop_output()) for r in with_output.values()]
+        finished = [r for r in with_output.values() if r.is_finished]
+        return StepResult(update, outputs, finished)
+
+    def _sample(self, rows: Logits, samples: list[Sample]) -> None:
+        """Choose each sample's next token from its logits row (a copy we may change)."""
+        params = [s.request.params for s in samples]
+        want_lp = [i for i, p in enumerate(params) if p.logprobs is not None]
+        raw = rows[want_lp] if want_lp else None  # scores come from the untouched logits
+        histories = [
+            History(s.request.prompt_unique, s.tokens[s.num_prompt :])
+            if s.request.params.has_penalties
+            else None
+            for s in samples
+        ]
+        constrained = [(i, s.matcher) for i, s in enumerate(samples) if s.matcher is not None]
+        if constrained:
+            indices = [i for i, _ in constrained]
+            masked = rows[indices]
+            self.grammars.mask(masked, [m for _, m in constrained])
+            rows[indices] = masked
+        sampled = sample_rows(rows, params, [s.rng for s in samples], histories)
+        if raw is not None:
+            num_top = max(params[i].logprobs or 0 for i in want_lp)
+            targets = [sampled.tokens[i] for i in want_lp]
+            target_lp, top, top_lp = logprobs_of(raw, targets, num_top)
+            for r, i in enumerate(want_lp):
+                n = params[i].logprobs or 0
+                samples[i].new_logprobs.append(
+                    TokenLogprob(
+                        targets[r],
+                        float(target_lp[r]),
+                        _pairs(top[r, :n], top_lp[r, :n]),
+                        sampled.sampling_logprobs[i],
+                    )
+                )
+        for sample, token in zip(samples, sampled.tokens, strict=True):
+            self._append(sample, token)
+
+    def _append(self, sample: Sample, token: int) -> None:
+        """Add the sampled token; decide whether the sample is done."""
+        sample.tokens.append(token)
+        sample.new_token_ids.append(token)
+        params = sample.request.params
+        if self.runner.is_eog(token) and not params.ignore_eos:
+            sample.finish_reason = FinishReason.STOP
+        elif sample.detok.add(self.runner.token_bytes(token)):
+            sample.finish_reason = FinishReason.STOP
+        elif sample.matcher is not None and not grammar.consume(sample.matcher, token):
+            sample.finish_reason = FinishReason.STOP
+        elif sample.num_output >= params.max_tokens or len(sample.tokens) >= self.context_length:
+            sample.finish_reason = FinishReason.LENGTH
+        if sample.is_finished:
+            sample.detok.finish()
+
+
+def _scored_positions(c: Chunk) -> tuple[int, int]:
+    """Positions [lo, hi) of the chunk whose logits score the next prompt token."""
+    request = c.sample.request
+    if not request.scores_prompt:
+        return 0, 0
+    # The logits at position p score prompt token p + 1.
+    first = max(request.params.prompt_logprobs_start, 1) - 1
+    lo = max(c.start, first)
+    hi = min(c.start + c.count, request.num_prompt - 1)
+    return lo, max(lo, hi)
+
+
+def _score_prompt(request: Request, rows: Logits, first_pos: int) -> None:
+    prompt = request.prompt_token_ids
+    if request.prompt_scores is None:
+        request.prompt_scores = [None] * request.num_prompt
+    num_top = request.params.prompt_logprobs or 0
+    targets = prompt[first_pos + 1 : first_pos + 1 + rows.shape[0]]
+    # Image positions (negative placeholders) are not scored; score them as 0
+    # and drop the result, so the rows stay aligned.
+    target_lp, top, top_lp = logprobs_of(rows, [max(t, 0) for t in targets], num_top)
+    for r, token in enumerate(targets):
+        if token < 0:
+            continue
+        request.prompt_scores[first_pos + 1 + r] = TokenLogprob(
+            token, float(target_lp[r]), _pairs(top[r], top_lp[r])
+        )
+
+
+def _pairs(
+    ids: npt.NDArray[np.int64], logprobs: npt.NDArray[np.float64]
+) -> tuple[tuple[int, float], ...]:
+    return tuple((int(t), float(lp)) for t, lp in zip(ids, logprobs, strict=True))

@@ -1,0 +1,307 @@
+"""The scheduler on its own, one step at a time: no model, no engine thread.
+
+`Harness` plays the engine's part with stub KV callbacks that only record what
+they were asked: it runs every chunk a step schedules, samples one token where
+a chunk reaches its sample's end, and retires samples that have all their
+tokens (`schedule`, then `postprocess`, then `remove` for finished requests).
+Each test states a scheduling rule and checks the chunks it produces; only
+`Harness` knows the scheduler's calls and types, so a rename changes it alone.
+
+A chunk is written `(request id, sample index, first position, count)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fireside.engine.request import Request, Sample
+from fireside.engine.scheduler import Chunk, Scheduler, SchedulerConfig, StepUpdate
+from fireside.engine.types import EngineRequest, FinishReason, SamplingParams
+
+OUTPUT_TOKEN = 1  # every sampled token; prompts below use ids from 100 on
+
+
+def prompt(length: int, start: int = 100) -> list[int]:
+    return list(range(start, start + length))
+
+
+class Harness:
+    """The engine minus the model, over stub `release` and `copy` callbacks."""
+
+    def __init__(self, **config: Any) -> None:
+        settings: dict[str, Any] = {
+            "num_slots": 8,
+            "max_running": 8,
+            "kv_capacity": 256,
+            "token_budget": 64,
+            "max_scored_rows": 256,
+            "cache_entries": 0,
+            "cache_cells": 256,
+            "prefill_chunk": 64,
+            "min_cache_hit": 4,
+        }
+        settings.update(config)
+        self.released: list[tuple[int, int]] = []  # (slot, first position dropped)
+        self.copies: list[tuple[int, int, int]] = []  # (src slot, dst slot, length)
+        self.scheduler = Scheduler(
+            SchedulerConfig(**settings),
+            release=lambda slot, start: self.released.append((slot, start)),
+            copy=lambda src, dst, length: self.copies.append((src, dst, length)),
+        )
+        self.requests: dict[str, Request] = {}
+
+    def submit(self, rid: str, tokens: list[int], max_tokens: int = 4, n: int = 1) -> Request:
+        params = SamplingParams(max_tokens=max_tokens, n=n)
+        request = Request.create(
+            EngineRequest(rid, tuple(tokens), params), None, len(self.requests)
+        )
+        self.requests[rid] = request
+        self.scheduler.add(request)
+        return request
+
+    def step(self) -> list[tuple[str, int, int, int]]:
+        """One engine step; the chunks it ran."""
+        chunks = self.scheduler.schedule()
+        update = StepUpdate(chunks)
+        for chunk in chunks:
+            if chunk.reaches_end:
+                self._sample(chunk, update)
+        self.scheduler.postprocess(update)
+        for request in {id(c.sample.request): c.sample.request for c in chunks}.values():
+            if request.is_finished:
+                self.scheduler.remove(request)
+        return [_described(c) for c in chunks]
+
+    def _sample(self, chunk: Chunk, update: StepUpdate) -> None:
+        request = chunk.sample.request
+        samples = [chunk.sample]
+        if not request.forked:
+            # Prefill once, decode n ways: the other samples share the prompt's cells.
+            update.shared.append(request)
+            samples = [s for s in request.samples if not s.is_finished]
+        for sample in samples:
+            sample.tokens.append(OUTPUT_TOKEN)
+            if sample.num_output >= request.params.max_tokens:
+                sample.finish_reason = FinishReason.LENGTH
+                update.finished.append(sample)
+
+    def run_until_idle(self, max_steps: int = 1000) -> int:
+        for steps in range(max_steps):
+            if not self.scheduler.has_work():
+                return steps
+            self.step()
+        raise AssertionError("the scheduler never ran out of work")
+
+    def slot_of(self, rid: str, sample: int = 0) -> int:
+        slot = self.requests[rid].samples[sample].slot
+        assert slot is not None, f"{rid}/{sample} holds no slot"
+        return slot
+
+    @property
+    def waiting(self) -> list[str]:
+        return [
+            work.request.request_id if isinstance(work, Sample) else work.request_id
+            for work in self.scheduler.waiting
+        ]
+
+    def relieve(self) -> None:
+        """What the engine does when llama.cpp finds no room for a batch after all."""
+        self.scheduler.evict_or_preempt()
+
+
+def _described(chunk: Chunk) -> tuple[str, int, int, int]:
+    return (chunk.sample.request.request_id, chunk.sample.index, chunk.start, chunk.count)
+
+
+# --- Admission
+
+
+def test_requests_are_admitted_in_arrival_order_as_slots_free_up():
+    h = Harness(max_running=2)
+    h.submit("a", prompt(4), max_tokens=1)
+    h.submit("b", prompt(4, 200), max_tokens=5)
+    h.submit("c", prompt(4, 300), max_tokens=1)
+    assert h.step() == [("a", 0, 0, 4), ("b", 0, 0, 4)]
+    assert h.waiting == ["c"]
+    # a finished with its one token: c takes its place, after b's decode token.
+    assert h.step() == [("b", 0, 4, 1), ("c", 0, 0, 4)]
+    assert h.waiting == []
+
+
+def test_a_request_that_cannot_start_yet_holds_back_those_behind_it():
+    h = Harness(max_running=2)
+    h.submit("a", prompt(4), max_tokens=3)
+    h.submit("b", prompt(4, 200), max_tokens=1, n=2)  # needs two samples running at once
+    h.submit("c", prompt(4, 300), max_tokens=1)  # would fit, but arrived later
+    assert h.step() == [("a", 0, 0, 4)]
+    assert h.waiting == ["b", "c"]
+    assert h.step() == [("a", 0, 4, 1)]
+    assert h.step() == [("a", 0, 5, 1)]  # a's last token
+    assert h.waiting == ["b", "c"]
+    assert h.step() == [("b", 0, 0, 4)]  # b alone: its prompt once, for both samples
+    assert h.waiting == ["c"]
+    assert h.run_until_idle() >= 1
+    assert all(s.num_output == 1 for s in h.requests["b"].samples + h.requests["c"].samples)
+
+
+# --- The token budget
+
+
+def test_a_step_stays_within_the_token_budget_and_long_prompts_are_chunked():
+    h = Harness(token_budget=16)
+    h.submit("a", prompt(40), max_tokens=2)
+    assert h.step() == [("a", 0, 0, 16)]
+    assert h.step() == [("a", 0, 16, 16)]
+    assert h.step() == [("a", 0, 32, 8)]  # the prompt's last chunk: its logits pick a token
+    assert h.step() == [("a", 0, 40, 1)]
+    assert not h.scheduler.has_work()
+
+
+def test_prompt_chunks_shrink_to_prefill_chunk_while_another_stream_decodes():
+    h = Harness(token_budget=64, prefill_chunk=8)
+    h.submit("a", prompt(4), max_tokens=10)
+    assert h.step() == [("a", 0, 0, 4)]
+    h.submit("b", prompt(30, 200))
+    assert h.step() == [("a", 0, 4, 1), ("b", 0, 0, 8)]
+    assert h.step() == [("a", 0, 5, 1), ("b", 0, 8, 8)]
+
+
+def test_decode_tokens_come_first_and_prompts_get_what_is_left():
+    h = Harness(token_budget=4)
+    for rid, start in (("a", 100), ("b", 200), ("c", 300)):
+        h.submit(rid, [start], max_tokens=10)
+    assert h.step() == [("a", 0, 0, 1), ("b", 0, 0, 1), ("c", 0, 0, 1)]
+    h.submit("d", prompt(10, 400))
+    assert h.step() == [("a", 0, 1, 1), ("b", 0, 1, 1), ("c", 0, 1, 1), ("d", 0, 0, 1)]
+    assert h.step() == [("a", 0, 2, 1), ("b", 0, 2, 1), ("c", 0, 2, 1), ("d", 0, 1, 1)]
+
+
+def test_a_prompt_in_progress_goes_before_a_new_admission():
+    h = Harness(token_budget=8)
+    h.submit("a", prompt(20))
+    assert h.step() == [("a", 0, 0, 8)]
+    h.submit("b", prompt(4, 200))
+    assert h.step() == [("a", 0, 8, 8)]
+    assert h.step() == [("a", 0, 16, 4), ("b", 0, 0, 4)]
+
+
+# --- Sharing KV: n samples, running samples, the prefix cache
+
+
+def test_n_samples_compute_the_prompt_once_and_fork_it():
+    h = Harness()
+    request = h.submit("a", prompt(10), max_tokens=2, n=3)
+    assert h.step() == [("a", 0, 0, 10)]
+    first = h.slot_of("a", 0)
+    assert h.copies == [(first, h.slot_of("a", 1), 10), (first, h.slot_of("a", 2), 10)]
+    assert request.forked
+    assert h.step() == [("a", 0, 10, 1), ("a", 1, 10, 1), ("a", 2, 10, 1)]
+    assert not h.scheduler.has_work()
+    assert h.scheduler.kv_used() == 0
+
+
+def test_a_finished_prefix_in_the_cache_is_forked_not_computed_again():
+    h = Harness(cache_entries=4)
+    h.submit("a", prompt(20), max_tokens=2)
+    h.run_until_idle()
+    assert h.scheduler.cache.entries, "a's KV stays cached"
+    cached_slot = h.scheduler.cache.entries[0].slot
+    b = h.submit("b", prompt(16) + prompt(8, 500))  # shares a's first 16 tokens
+    assert h.step() == [("b", 0, 16, 8)]
+    assert h.copies == [(cached_slot, h.slot_of("b"), 16)]
+    assert b.num_cached == 16
+    assert (h.scheduler.queried_tokens, h.scheduler.hit_tokens) == (20 + 24, 16)
+
+
+def test_a_prefix_shared_with_a_running_sample_is_forked_from_it():
+    h = Harness(cache_entries=0)
+    h.submit("a", prompt(20), max_tokens=10)
+    assert h.step() == [("a", 0, 0, 20)]
+    h.submit("b", prompt(12) + prompt(4, 500))
+    assert h.step() == [("a", 0, 20, 1), ("b", 0, 12, 4)]
+    assert h.copies == [(h.slot_of("a"), h.slot_of("b"), 12)]
+
+
+def test_a_shared_prefix_shorter_than_min_cache_hit_is_computed_again():
+    h = Harness(cache_entries=4, min_cache_hit=8)
+    h.submit("a", prompt(20), max_tokens=2)
+    h.run_until_idle()
+    h.submit("b", prompt(6) + prompt(10, 500))
+    assert h.step() == [("b", 0, 0, 16)]
+    assert h.copies == []
+
+
+def test_a_hit_always_leaves_the_last_prompt_token_to_compute():
+    h = Harness(cache_entries=4)
+    h.submit("a", prompt(20), max_tokens=2)
+    h.run_until_idle()
+    h.submit("b", prompt(12))  # wholly inside a's cached KV
+    assert h.step() == [("b", 0, 11, 1)]  # its logits choose b's first token
+    assert h.copies[-1][2] == 11
+
+
+# --- Running out of room
+
+
+def test_cached_prefixes_are_evicted_before_any_sample_is_preempted():
+    h = Harness(kv_capacity=64, cache_entries=4, cache_cells=64)
+    h.submit("a", prompt(30), max_tokens=2)
+    h.run_until_idle()
+    cached_slot = h.scheduler.cache.entries[0].slot
+    assert h.scheduler.kv_used() == 31  # a's prompt and its first token
+    h.submit("running", prompt(8, 300), max_tokens=20)
+    assert h.step() == [("running", 0, 0, 8)]
+    # 64 - 31 - 9 cells are free: too few for b's prompt and room to decode. The
+    # cached prefix goes; the running sample stays.
+    h.submit("b", prompt(12, 500), max_tokens=2)
+    assert h.step() == [("running", 0, 8, 1), ("b", 0, 0, 12)]
+    assert h.released == [(cached_slot, 0)]
+    assert h.scheduler.cache.entries == []
+    assert h.scheduler.num_preempted == 0
+
+
+def test_a_decode_token_that_finds_no_free_cell_takes_it_from_the_cache():
+    h = Harness(kv_capacity=64, cache_entries=4, cache_cells=64)
+    h.submit("a", prompt(30), max_tokens=2)
+    h.run_until_idle()
+    h.submit("long", prompt(8, 300), max_tokens=40)
+    while h.scheduler.kv_used() < 64:  # 31 cached cells and the growing sample
+        h.step()
+    assert h.scheduler.cache.entries and h.released == []
+    h.step()
+    assert h.scheduler.cache.entries == [] and len(h.released) == 1
+    h.run_until_idle()
+    assert h.scheduler.num_preempted == 0
+    assert len(h.requests["long"].samples[0].tokens) == 48
+
+
+def test_when_decoding_runs_out_of_cells_the_newest_sample_is_preempted():
+    h = Harness(kv_capacity=64, token_budget=64)
+    h.submit("old", prompt(8), max_tokens=30)
+    h.submit("new", prompt(8, 200), max_tokens=30)
+    h.step()
+    while h.scheduler.num_preempted == 0:
+        h.step()
+        assert h.scheduler.kv_used() <= 64
+    new = h.requests["new"].samples[0]
+    assert h.waiting == ["new"] and new.slot is None
+    assert h.released[-1][1] == 0  # all of its cells dropped
+    assert [s.request.request_id for s in h.scheduler.running] == ["old"]
+    # It comes back once there is room, recomputes every token it had, and finishes.
+    h.run_until_idle()
+    assert [len(h.requests[r].samples[0].tokens) for r in ("old", "new")] == [38, 38]
+    assert h.scheduler.kv_used() == 0
+
+
+def test_no_room_after_all_evicts_a_cached_prefix_first_then_preempts_the_newest():
+    h = Harness(cache_entries=4)
+    h.submit("cached", prompt(20), max_tokens=2)
+    h.run_until_idle()
+    h.submit("old", prompt(6, 300), max_tokens=10)
+    h.submit("new", prompt(6, 400), max_tokens=10)
+    h.step()
+    h.relieve()  # llama.cpp found no room: the cache goes first
+    assert h.scheduler.cache.entries == [] and h.scheduler.num_preempted == 0
+    h.relieve()  # nothing cached any more: the newest sample goes
+    assert h.scheduler.num_preempted == 1
+    assert h.waiting == ["new"]
