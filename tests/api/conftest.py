@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fireside.api import CompletionService, create_app
+from tests.fakes import service_settings
 
 from .fake_engine import FakeEngine
 from .helpers import MODEL
@@ -25,13 +26,14 @@ def make_client(engine: FakeEngine) -> MakeClient:
     def make(
         engines: dict[str, Any] | None = None,
         api_keys: Sequence[str] = (),
-        default_max_tokens: int = 16,
+        default_max_tokens: int | None = None,
         service_kwargs: dict[str, Any] | None = None,
         **app_kwargs: Any,
     ) -> TestClient:
-        service = CompletionService(
-            engines or {MODEL: engine}, default_max_tokens, **(service_kwargs or {})
-        )
+        settings = service_settings(**(service_kwargs or {}))
+        if default_max_tokens is not None:
+            settings["default_max_tokens"] = default_max_tokens
+        service = CompletionService(engines or {MODEL: engine}, **settings)
         app = create_app(service, api_keys=api_keys, **app_kwargs)
         # raise_server_exceptions=False: a 500 must be an answer, not a crash.
         return TestClient(app, raise_server_exceptions=False)

@@ -6,6 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fireside.api import CompletionService, ModelInfo, create_app
+from tests.fakes import service_settings
 
 from .fake_engine import FakeEngine
 from .helpers import MODEL, assert_error
@@ -127,7 +128,7 @@ def test_models_listing(client):
 
 def test_model_ids_with_a_slash():
     name = "accounts/fireside/models/smollm2"
-    service = CompletionService({name: FakeEngine()})
+    service = CompletionService({name: FakeEngine()}, **service_settings())
     models = [ModelInfo(name, 64, 1_700_000_000)]
     from fastapi.testclient import TestClient
 

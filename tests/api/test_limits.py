@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from tests.fakes import service_settings
+
 from .fake_engine import FakeEngine
 from .helpers import MODEL, assert_error
 
@@ -45,7 +47,7 @@ def test_a_request_past_the_time_limit_ends_with_an_error():
 
     from fireside.api import CompletionService, create_app
 
-    service = CompletionService({MODEL: engine}, request_timeout_s=0.3)
+    service = CompletionService({MODEL: engine}, **service_settings(request_timeout_s=0.3))
     client = TestClient(create_app(service), raise_server_exceptions=False)
     assert_error(post(client), 408, None, "request_timeout")
     assert engine.closed_early  # the engine request was aborted

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from fireside.api import CompletionService, create_app
 from fireside.api.protocol import CompletionRequest
 from fireside.api.serving import ClientDisconnected
+from tests.fakes import service_settings
 
 from .fake_engine import FakeEngine
 from .helpers import MODEL
@@ -103,7 +104,7 @@ def test_timeouts_and_engine_failures_end_with_a_done_line_not_a_refusal(caplog)
         (FakeEngine(error_at_step=0), "500"),
     ):
         caplog.clear()
-        service = CompletionService({MODEL: engine}, request_timeout_s=0.2)
+        service = CompletionService({MODEL: engine}, **service_settings(request_timeout_s=0.2))
         client = TestClient(create_app(service), raise_server_exceptions=False)
         for stream in (False, True):
             client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "stream": stream})
@@ -114,7 +115,7 @@ def test_timeouts_and_engine_failures_end_with_a_done_line_not_a_refusal(caplog)
 
 
 def run_plan(engine: FakeEngine, **fields):
-    service = CompletionService({MODEL: engine})
+    service = CompletionService({MODEL: engine}, **service_settings())
     request = CompletionRequest.model_validate({"model": MODEL, **fields})
     return service, asyncio.run(service.prepare(request))
 
@@ -184,7 +185,7 @@ def auth_records(caplog) -> list[logging.LogRecord]:
 
 
 def test_an_open_server_warns_once_that_auth_is_off(caplog):
-    create_app(CompletionService({MODEL: FakeEngine()}))
+    create_app(CompletionService({MODEL: FakeEngine()}, **service_settings()))
     records = auth_records(caplog)
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING
@@ -193,7 +194,9 @@ def test_an_open_server_warns_once_that_auth_is_off(caplog):
 
 
 def test_with_keys_a_line_says_auth_is_on(caplog):
-    create_app(CompletionService({MODEL: FakeEngine()}), api_keys=[KEY, "another"])
+    create_app(
+        CompletionService({MODEL: FakeEngine()}, **service_settings()), api_keys=[KEY, "another"]
+    )
     records = auth_records(caplog)
     assert [r.getMessage() for r in records] == ["auth on: 2 API keys"]
     assert records[0].levelno == logging.INFO

@@ -6,13 +6,14 @@ from fastapi.testclient import TestClient
 
 from fireside.api import CompletionService, create_app
 from fireside.api.status import StatusCounter
+from tests.fakes import service_settings
 
 from .fake_engine import FakeEngine
 from .helpers import MODEL
 
 
 def test_latency_histograms_and_status_counts():
-    service = CompletionService({MODEL: FakeEngine()})
+    service = CompletionService({MODEL: FakeEngine()}, **service_settings())
     app = create_app(service)
     client = TestClient(StatusCounter(app, service.counters.responses))
     assert (

@@ -7,6 +7,7 @@ import json
 
 from fireside.api import CompletionService
 from fireside.api.protocol import CompletionRequest
+from tests.fakes import service_settings
 
 from .fake_engine import FakeEngine
 from .helpers import MODEL, assert_error, stream_chunks
@@ -172,7 +173,7 @@ def test_stream_validation_errors_are_http_errors(client):
 
 
 def run_plan(engine: FakeEngine, **fields):
-    service = CompletionService({MODEL: engine})
+    service = CompletionService({MODEL: engine}, **service_settings())
     request = CompletionRequest.model_validate({"model": MODEL, **fields})
     return service, asyncio.run(service.prepare(request))
 

@@ -1,6 +1,7 @@
 """The FastAPI app: routes, status codes, auth and error rendering; nothing else.
 
-Everything a route does beyond HTTP lives in `serving.CompletionService`.
+Everything a route does beyond HTTP lives in `serving.CompletionService` and
+`tokenization.TokenizerService`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from starlette.exceptions import HTTPException
 from fireside.api.auth import BearerAuth
 from fireside.api.errors import APIError, from_validation_errors
 from fireside.api.metrics import make_registry
-from fireside.api.openapi import TOKENIZER_PREFIXES, openapi_document
+from fireside.api.openapi import openapi_document
+from fireside.api.openapi_paths import API_PREFIXES, TOKENIZER_PREFIXES
 from fireside.api.protocol import parse_completion_request
-from fireside.api.responses import ModelInfo, perf_metrics_headers
+from fireside.api.responses import Health, ModelInfo, model_list, perf_metrics_headers
 from fireside.api.serving import ClientDisconnected, CompletionService
 from fireside.api.tokenization import TokenizerService
 from fireside.engine.client import EngineClient
@@ -34,7 +36,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # nginx's code for "client closed the request"; nobody reads it, but logs do.
 _CLIENT_CLOSED = 499
-_API_PREFIXES = ("/v1", "/inference/v1")
 
 
 def create_app(
@@ -81,15 +82,13 @@ def create_app(
                 headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
             )
         try:
-            completion = await service.complete(plan, request.is_disconnected)
+            result = await service.complete(plan, request.is_disconnected)
         except ClientDisconnected:
             return Response(status_code=_CLIENT_CLOSED)
-        return JSONResponse(completion.body, headers=perf_metrics_headers(completion.perf_metrics))
+        return JSONResponse(result.body, headers=perf_metrics_headers(result.perf_metrics))
 
     async def list_models() -> JSONResponse:
-        return JSONResponse(
-            {"object": "list", "data": [m.to_dict() for m in models_by_id.values()]}
-        )
+        return JSONResponse(model_list(list(models_by_id.values())))
 
     async def get_model(model_id: str) -> JSONResponse:
         model = models_by_id.get(model_id)
@@ -111,7 +110,7 @@ def create_app(
     async def detokenize(request: Request) -> JSONResponse:
         return JSONResponse(tokenizer.detokenize(await _read_body(request, max_body_bytes)))
 
-    for prefix in _API_PREFIXES:
+    for prefix in API_PREFIXES:
         api.add_api_route(f"{prefix}/completions", create_completion, methods=["POST"])
         api.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         # :path because model ids may contain "/" (they arrive percent-decoded).
@@ -128,10 +127,10 @@ def create_app(
     async def health() -> JSONResponse:
         # Open on purpose: load balancers and orchestrators probe it without a key.
         if app.state.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse(Health(status="draining"), status_code=503)
         if all(engine.is_healthy for engine in engines.values()):
-            return JSONResponse({"status": "ok"})
-        return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse(Health(status="ok"))
+        return JSONResponse(Health(status="unavailable"), status_code=503)
 
     document = openapi_document()
 

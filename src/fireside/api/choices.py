@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import cast
 
 from fireside.api.logprobs import (
+    ContentLogprobs,
     OffsetCounter,
     Position,
     TokenTexts,
@@ -26,7 +27,16 @@ from fireside.api.logprobs import (
 )
 from fireside.api.plan import CompletionPlan, OutputOptions, PromptPlan
 from fireside.api.protocol import LogprobsFormat
-from fireside.api.responses import choice_dict, raw_output_dict, usage_dict
+from fireside.api.responses import (
+    CompletionChoice,
+    CompletionChunkChoice,
+    PerfMetrics,
+    RawOutput,
+    Usage,
+    choice_dict,
+    perf_metrics_dict,
+    usage_dict,
+)
 from fireside.engine.types import FinishReason, RequestOutput, SampleDelta, TokenLogprob
 
 
@@ -64,15 +74,17 @@ class _Choice:
 
     def chunk(
         self, text: str, positions: list[Position], token_ids: list[int], is_last: bool
-    ) -> dict[str, Any]:
+    ) -> CompletionChunkChoice:
         """This choice in a streamed chunk, built right after `add` took its tokens."""
         body = self.body(text, positions, token_ids, is_first=not self._is_started, is_last=is_last)
         self._is_started = True
         return body
 
-    def whole(self) -> dict[str, Any]:
+    def whole(self) -> CompletionChoice:
         """This choice in a non-streamed response."""
-        return self.body(self.text, self.positions, self.token_ids, is_first=True, is_last=True)
+        body = self.body(self.text, self.positions, self.token_ids, is_first=True, is_last=True)
+        # Every choice of a whole response has finished, so it has its reason.
+        return cast(CompletionChoice, body)
 
     def body(
         self,
@@ -82,24 +94,26 @@ class _Choice:
         *,
         is_first: bool,
         is_last: bool,
-    ) -> dict[str, Any]:
+    ) -> CompletionChunkChoice:
         options = self._options
         logprobs = None
         if options.logprobs is not None:
             logprobs = logprobs_dict(
                 options.logprobs, positions, self._texts, options.num_top_logprobs, len(self.text)
             )
-        extras: dict[str, Any] = {}
-        if options.return_token_ids:
-            if is_first:
-                extras["prompt_token_ids"] = list(self.prompt.token_ids)
-            extras["token_ids"] = list(token_ids)
-        if options.raw_output and is_last:
-            extras["raw_output"] = self._raw_output()
-        reason = self.finish_reason.value if is_last and self.finish_reason else None
-        return choice_dict(self.index, text, reason, logprobs, extras)
+        return choice_dict(
+            self.index,
+            text,
+            self.finish_reason if is_last else None,
+            logprobs,
+            prompt_token_ids=(
+                list(self.prompt.token_ids) if options.return_token_ids and is_first else None
+            ),
+            token_ids=list(token_ids) if options.return_token_ids else None,
+            raw_output=self._raw_output() if options.raw_output and is_last else None,
+        )
 
-    def _raw_output(self) -> dict[str, Any]:
+    def _raw_output(self) -> RawOutput:
         num_echo_chars = len(self.prompt.echo_text)
         completion = self.text[num_echo_chars:]
         logprobs = None
@@ -113,13 +127,13 @@ class _Choice:
                 len(completion),
                 shift=num_echo_chars,
             )
-        return raw_output_dict(
-            self.prompt.fragments,
-            list(self.prompt.token_ids),
-            completion,
-            list(self.token_ids),
-            logprobs,
-        )
+        return {
+            "prompt_fragments": self.prompt.fragments,
+            "prompt_token_ids": list(self.prompt.token_ids),
+            "completion": completion,
+            "completion_token_ids": list(self.token_ids),
+            "completion_logprobs": cast(ContentLogprobs | None, logprobs),
+        }
 
 
 class Choices:
@@ -130,6 +144,7 @@ class Choices:
     """
 
     def __init__(self, plan: CompletionPlan) -> None:
+        self._started_at = plan.started_at
         self._n = plan.n
         self._is_stream = plan.stream
         self._options = plan.options
@@ -146,14 +161,14 @@ class Choices:
         self.token_gaps: list[float] = []  # seconds between a prompt's token outputs
         self._last_token_at: dict[int, float] = {}  # per prompt
 
-    def _of(self, prompt: PromptPlan) -> list[_Choice]:
+    def _of_prompt(self, prompt: PromptPlan) -> list[_Choice]:
         return self._choices[prompt.index * self._n : (prompt.index + 1) * self._n]
 
-    def start(self, prompt: PromptPlan) -> list[dict[str, Any]]:
+    def start(self, prompt: PromptPlan) -> list[CompletionChunkChoice]:
         """Before the engine answers: a prompt with nothing to generate is done; a stream
         sends the echo first, unless it waits for the prompt's scores (in `add`)."""
-        chunks = []
-        for choice in self._of(prompt):
+        chunks: list[CompletionChunkChoice] = []
+        for choice in self._of_prompt(prompt):
             if not prompt.needs_engine:
                 choice.finish_reason = FinishReason.LENGTH
                 if self._is_stream:
@@ -162,9 +177,9 @@ class Choices:
                 chunks.append(choice.chunk(prompt.echo_text, [], [], is_last=False))
         return chunks
 
-    def add(self, prompt: PromptPlan, output: RequestOutput) -> list[dict[str, Any]]:
+    def add(self, prompt: PromptPlan, output: RequestOutput) -> list[CompletionChunkChoice]:
         """Take one engine output of this prompt."""
-        chunks = []
+        chunks: list[CompletionChunkChoice] = []
         self._cached[prompt.index] = max(self._cached[prompt.index], output.num_cached_tokens)
         if prompt.is_scored and output.prompt_logprobs is not None:
             # The echo chunk carries the prompt's logprobs, so it goes out now, before
@@ -192,7 +207,7 @@ class Choices:
 
     def _add_prompt_scores(
         self, prompt: PromptPlan, scores: Sequence[TokenLogprob | None]
-    ) -> list[dict[str, Any]]:
+    ) -> list[CompletionChunkChoice]:
         token_ids = prompt.token_ids[prompt.params.prompt_logprobs_start :]
         # Image positions (negative placeholder ids) are not tokens: logprobs cover text.
         text_only = [(t, s) for t, s in zip(token_ids, scores, strict=True) if t >= 0]
@@ -204,8 +219,8 @@ class Choices:
             limit=len(prompt.echo_text),
             special=True,
         )
-        chunks = []
-        for choice in self._of(prompt):
+        chunks: list[CompletionChunkChoice] = []
+        for choice in self._of_prompt(prompt):
             choice.add_prompt_positions(positions)
             if self._is_stream:
                 chunks.append(choice.chunk(prompt.echo_text, positions, [], is_last=False))
@@ -219,13 +234,25 @@ class Choices:
     def num_cached_tokens(self) -> int:
         return sum(self._cached)
 
-    def to_list(self) -> list[dict[str, Any]]:
+    def to_list(self) -> list[CompletionChoice]:
         return [choice.whole() for choice in self._choices]
 
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> Usage:
         return usage_dict(self._num_prompt_tokens, self._num_generated, self.num_cached_tokens)
 
-    def choice_usage(self, index: int) -> dict[str, Any]:
+    def perf_metrics(self) -> PerfMetrics:
+        """Fireworks' perf metrics of the request so far."""
+        now = time.monotonic()
+        # Nothing generated (scoring only): the first token is as late as the end.
+        first_token_at = now if self.first_token_at is None else self.first_token_at
+        return perf_metrics_dict(
+            self._num_prompt_tokens,
+            self.num_cached_tokens,
+            first_token_at - self._started_at,
+            now - self._started_at,
+        )
+
+    def choice_usage(self, index: int) -> Usage:
         """One choice's usage so far: its prompt, and the tokens it generated."""
         choice = self._choices[index]
         prompt = choice.prompt

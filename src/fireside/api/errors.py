@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from typing_extensions import TypedDict
+
 # Pydantic error types that mean "wrong JSON type" rather than "wrong value".
 _TYPE_ERRORS = frozenset(
     {
@@ -27,6 +29,19 @@ _TYPE_ERRORS = frozenset(
 _OWN_CODES = frozenset({"invalid_value", "invalid_type", "unsupported"})
 # Where FastAPI says an input came from; not part of the field name a client sent.
 _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+class _ErrorBody(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class Error(TypedDict):
+    """The OpenAI error envelope; `param` names the offending field."""
+
+    error: _ErrorBody
 
 
 class APIError(Exception):
@@ -49,7 +64,7 @@ class APIError(Exception):
         self.code = code
         self.headers = dict(headers or {})
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> Error:
         return error_body(self.message, self.type, self.param, self.code)
 
     # One constructor per status, so the type strings live only here.
@@ -124,9 +139,7 @@ class APIError(Exception):
         return cls(503, message, "service_unavailable_error", None, "unavailable")
 
 
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> Error:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 

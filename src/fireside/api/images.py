@@ -16,19 +16,34 @@ import io
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import WithJsonSchema
 
 from fireside.api.errors import APIError
 from fireside.engine.types import PromptImage
 
 MARKER = "<image>"
 _PARAM = "images"
-_DATA_URI = re.compile(r"data:image/(jpeg|jpg|png|webp|gif);base64,(.*)", re.DOTALL)
 _FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
+_DATA_URI = re.compile(rf"data:image/({'|'.join(_FORMATS)});base64,(.*)", re.DOTALL)
 MAX_PIXELS = 4096 * 4096  # beyond this an image is refused, not resized
+
+# The request field's type. Its schema documents what `decode` accepts; the check
+# itself waits for `decode`, which runs only for a model that takes images.
+DataURI = Annotated[
+    str,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": f"^data:image/({'|'.join(_FORMATS)});base64,",
+            "description": "An image as a data URI: `data:image/<jpeg|png|webp|gif>;base64,...`.",
+        }
+    ),
+]
+Images = list[DataURI] | list[list[DataURI]]
 
 
 def count_markers(text: str) -> int:

@@ -13,13 +13,49 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from typing_extensions import TypedDict
 
 from fireside.api.protocol import LogprobsFormat
+from fireside.api.scalars import Byte, Count, Logprob, TokenId
 from fireside.engine.types import TokenLogprob
 
 # JSON has no -inf (a fully masked token in the raw logits); vLLM reports -9999 too.
 _MIN_LOGPROB = -9999.0
+
+
+class LegacyLogprobs(TypedDict):
+    """`logprobs: N`. Per position: the token, its logprob (null for the first prompt
+    token), the sampled token with up to N alternatives, and its offset in `text`."""
+
+    tokens: list[str]
+    token_logprobs: list[Logprob | None]
+    top_logprobs: list[dict[str, Logprob] | None]
+    text_offset: list[Count]
+    token_ids: list[TokenId]
+
+
+class TopLogprob(TypedDict):
+    token: str
+    logprob: Logprob
+    token_id: TokenId
+    bytes: list[Byte]
+
+
+class ContentLogprob(TypedDict):
+    token: str
+    bytes: list[Byte]
+    logprob: Logprob | None
+    sampling_logprob: Logprob | None
+    token_id: TokenId
+    text_offset: Count
+    top_logprobs: list[TopLogprob]
+
+
+class ContentLogprobs(TypedDict):
+    """`logprobs: true`."""
+
+    content: list[ContentLogprob]
 
 
 @dataclass(frozen=True)
@@ -101,7 +137,7 @@ def logprobs_dict(
     num_top: int,
     limit: int,
     shift: int = 0,
-) -> dict[str, Any]:
+) -> LegacyLogprobs | ContentLogprobs:
     """The logprobs object of some positions of a choice.
 
     Offsets are moved back by `shift` (the echo, for a text without it) and
@@ -116,7 +152,7 @@ def logprobs_dict(
 
 def _legacy(
     positions: Sequence[Position], offsets: list[int], texts: TokenTexts, num_top: int
-) -> dict[str, Any]:
+) -> LegacyLogprobs:
     top_logprobs: list[dict[str, float] | None] = []
     for p in positions:
         if p.scores is None:
@@ -140,8 +176,8 @@ def _legacy(
 
 def _content(
     positions: Sequence[Position], offsets: list[int], texts: TokenTexts, num_top: int
-) -> dict[str, Any]:
-    content = []
+) -> ContentLogprobs:
+    content: list[ContentLogprob] = []
     for p, offset in zip(positions, offsets, strict=True):
         scores = p.scores
         sampling = None if scores is None else scores.sampling_logprob

@@ -8,7 +8,7 @@ its registry, so two apps in one process (tests) never share counters.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
@@ -61,6 +61,16 @@ class ServingCounters:
 
     def add_success(self, model: str, finish_reason: str) -> None:
         self.successes[(model, finish_reason)] += 1
+
+    def observe_latencies(
+        self, model: str, ttft_s: float, total_s: float, token_gaps: Sequence[float]
+    ) -> None:
+        """The latency histograms of one request that generated tokens."""
+        self.ttft.labels(model).observe(ttft_s)
+        self.e2e.labels(model).observe(total_s)
+        itl = self.itl.labels(model)
+        for gap in token_gaps:
+            itl.observe(gap)
 
 
 def _kv_usage(stats: EngineStats) -> float:

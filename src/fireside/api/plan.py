@@ -1,18 +1,20 @@
-"""What `serving.prepare` decided: a checked request, ready to run.
+"""What `planning.CompletionPlanner.prepare` decided: a checked request, ready to run.
 
-Plain frozen data; `serving` runs a plan and `choices` turns its engine
-outputs into response choices.
+Frozen data, plus the two things a plan holds until it has run: its places in
+the waiting queue and its log lines. `running` runs a plan and `choices` turns
+its engine outputs into response choices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from fireside.api.admission import QueueHold
 from fireside.api.protocol import LogprobsFormat, StreamUsage
+from fireside.api.request_log import RequestLog
 from fireside.engine.client import EngineClient
 from fireside.engine.types import SamplingParams
+from fireside.runner.base import MediaPrompt
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,14 @@ class OutputOptions:
 
 @dataclass(frozen=True)
 class PromptPlan:
+    """One prompt of a request: its tokens and the engine parameters it runs with."""
+
     index: int
     token_ids: tuple[int, ...]
     text: str | None  # the prompt as the client sent it; None for token ids
     echo_text: str  # what the choice's text starts with; "" without echo
     params: SamplingParams  # max_tokens already fitted to the context
-    media: Any = None  # the engine's tokenized images (EngineClient.tokenize_media), if any
+    media: MediaPrompt | None = None  # its images, tokenized (EngineClient.tokenize_media)
 
     @property
     def is_scored(self) -> bool:
@@ -71,10 +75,9 @@ class CompletionPlan:
     stream: bool
     options: OutputOptions
     started_at: float  # time.monotonic() when prepare began, for perf metrics
-    # Gives back the queue places the plan holds (CompletionService); idempotent.
-    reservation: Callable[[], Any] = field(default=lambda: None, compare=False)
-    # Logs the request's `done` line: `done(status, choices)`; only the first call counts.
-    done: Callable[..., Any] = field(default=lambda *args: None, compare=False)
+    # Queue places for the engine requests, released once they are submitted.
+    queue_hold: QueueHold = field(compare=False)
+    log: RequestLog = field(compare=False)  # `start` written; `done` once it ends
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,37 +1,43 @@
 """The request side of the completions API: the body's model, its parsing, and the
 one conversion from a request to engine `SamplingParams`.
 
-Request fields are in the order of `API.md` (`stream_options` beside `stream`);
-the OpenAI fields that are only tolerated come last, in their own block.
+Request fields are in the order of docs/api.md (`stream_options` beside `stream`);
+the OpenAI fields that are only tolerated come last, in their own block. Each
+field's description and schema live here (or, with its validator, in
+`request_fields.py`): `/openapi.json` is generated from this model.
 """
 
 from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from fireside.api.errors import APIError, from_validation_errors
+from fireside.api.images import Images
+from fireside.api.request_fields import (
+    MAX_LOGPROBS,
+    MAX_STOP_SEQUENCES,
+    STREAM_OPTIONS_NEED_STREAM,
+    BestOf,
+    LogitBias,
+    Logprobs,
+    Prompt,
+    Stop,
+    StreamOptionsField,
+    Suffix,
+)
+from fireside.api.structured import ResponseFormatField
 from fireside.engine.types import SamplingParams
 
-Prompt = str | list[str] | list[int] | list[list[int]]
 # vLLM's range: clients send any 64-bit seed, signed or not.
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
-_MAX_STOP_SEQUENCES = 4
-_PROMPT_SHAPES = (
-    "prompt must be a string, an array of strings, an array of token ids "
-    "or an array of arrays of token ids"
-)
+# Most samples one request may ask for: `n`, and prompts x n (serving.py). Each
+# running sample holds a llama.cpp sequence id; server.py sizes them from this.
+MAX_N = 128
 
 
 class LogprobsFormat(StrEnum):
@@ -47,92 +53,188 @@ class StreamUsage(StrEnum):
     NONE = "none"  # false: nowhere
 
 
-# `stream_options` keys: OpenAI's, and vLLM's `continuous_usage_stats`.
-_STREAM_OPTIONS = ("include_usage", "continuous_usage_stats", "include_obfuscation")
-
-
 def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message)
 
 
-def _wrong_type(message: str) -> PydanticCustomError:
-    return PydanticCustomError("invalid_type", message)
-
-
-def _is_int(value: Any) -> bool:
-    # JSON true/false arrive as bool, which Python counts as int; the API does not.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class CompletionRequest(BaseModel):
-    """The body of `POST /v1/completions`. `None` means "not given": the default
-    then comes from `SamplingParams` or from the server's configuration."""
+    """Unknown fields are rejected with 400; null means the field was not given."""
 
+    # None means "not given": the default then comes from `SamplingParams` or from the
+    # server's configuration (the document shows those defaults, see openapi.py).
     # strict: "1" is not a number and true is not an int; a JSON int is still a float.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra=STREAM_OPTIONS_NEED_STREAM
+    )
 
-    model: str
-    prompt: Prompt
-    images: list[str] | list[list[str]] | None = None  # data URIs; see api/images.py
-    max_tokens: int | None = Field(None, ge=0)  # default: the server's, 16 unless configured
-    max_completion_tokens: int | None = Field(None, ge=0)  # alias of max_tokens
-    context_length_exceeded_behavior: Literal["truncate", "error"] | None = "truncate"
-    logprobs: int | bool | None = None  # int 0-5 (legacy format) or true (content[] format)
-    top_logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = False
-    echo_last: int | None = Field(None, ge=0)
-    temperature: float | None = Field(None, ge=0, le=2)  # default 1; 0 is greedy
-    top_p: float | None = Field(None, ge=0, le=1)  # default 1
-    top_k: int | None = Field(None, ge=0)  # default 0, off
-    min_p: float | None = Field(None, ge=0, le=1)  # 0 is off
-    typical_p: float | None = Field(None, ge=0, le=1)  # 1 is off
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # 0 is off
-    presence_penalty: float | None = Field(None, ge=-2, le=2)  # 0 is off
-    # 1 is off; 0 would divide logits by zero, so the range is (0, 2].
-    repetition_penalty: float | None = Field(None, gt=0, le=2)
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = Field(None, ge=_SEED_MIN, le=_SEED_MAX)
-    n: int | None = Field(None, ge=1, le=128)  # default 1
-    stop: str | list[str] | None = None
-    include_stop_str_in_output: bool | None = None  # default: the server's (true unless set)
-    ignore_eos: bool | None = False
-    response_format: dict[str, Any] | None = None
-    stream: bool | None = False
-    stream_options: dict[str, bool | None] | None = None  # OpenAI's; only with stream: true
-    return_token_ids: bool | None = False
-    raw_output: bool | None = False
-    perf_metrics_in_response: bool | None = False
-    prompt_cache_max_len: int | None = Field(None, ge=0)
-    user: str | None = None
+    model: str = Field(
+        description="The id of a loaded model (see `GET /v1/models`); an unknown id is 404."
+    )
+    prompt: Prompt = Field(
+        description=(
+            "A string, several strings, token ids, or several lists of token ids. Token ids "
+            "must be below the model's vocabulary size. Several prompts give several choices."
+        )
+    )
+    images: Images | None = Field(
+        None,
+        description=(
+            "Data URIs, one per `<image>` marker in the prompt (a flat list in marker order, "
+            "or one list per prompt). Only for models with vision support."
+        ),
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Most tokens to generate (the default is the server's, 16 unless configured). "
+            "0 with `echo` returns the prompt alone, for scoring."
+        ),
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=0, description="Alias of `max_tokens`; giving both is 400."
+    )
+    context_length_exceeded_behavior: Literal["truncate", "error"] | None = Field(
+        "truncate",
+        description=(
+            "`truncate` lowers max_tokens to fit the context; `error` answers 400 "
+            "`context_length_exceeded` instead."
+        ),
+    )
+    logprobs: Logprobs = Field(
+        None,
+        description=(
+            "An integer N: the legacy logprobs object with the sampled token and up to N "
+            "alternatives per position. `true`: the `content[]` format."
+        ),
+    )
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description="Alternatives per position; needs `logprobs`.",
+    )
+    echo: bool | None = Field(
+        False,
+        description="Start the text with the prompt (with logprobs, the prompt's are scored too).",
+    )
+    echo_last: int | None = Field(None, ge=0, description="Echo only the last N prompt tokens.")
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="Sampling temperature; 0 is greedy."
+    )
+    top_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Nucleus sampling: keep the most likely tokens up to this probability mass.",
+    )
+    top_k: int | None = Field(
+        None, ge=0, description="Keep only the K most likely tokens; 0 is off."
+    )
+    min_p: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Drop tokens less likely than this fraction of the most likely one; 0 is off.",
+    )
+    typical_p: float | None = Field(
+        None, ge=0, le=1, description="Locally typical sampling; 1 is off."
+    )
+    frequency_penalty: float | None = Field(
+        None,
+        ge=-2,
+        le=2,
+        description="`logit -= count * frequency_penalty`, count: times generated so far.",
+    )
+    presence_penalty: float | None = Field(
+        None,
+        ge=-2,
+        le=2,
+        description="`logit -= presence_penalty` for every token generated so far.",
+    )
+    # 0 would divide logits by zero, so the range is (0, 2].
+    repetition_penalty: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description=(
+            "Multiplicative penalty over the prompt and the output; 1 is off, 0 is not allowed."
+        ),
+    )
+    logit_bias: LogitBias | None = Field(
+        None,
+        description="Token id (as a string) to a bias from -100 to 100, added before sampling.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=_SEED_MIN,
+        le=_SEED_MAX,
+        description="The same seed and request give the same output.",
+    )
+    n: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_N,
+        description="Choices per prompt; choice `index = prompt_index * n + j`.",
+    )
+    stop: Stop = Field(
+        None,
+        description=(
+            f"Up to {MAX_STOP_SEQUENCES} sequences that end generation. The returned text "
+            "contains the stop sequence unless `include_stop_str_in_output` is false."
+        ),
+    )
+    include_stop_str_in_output: bool | None = Field(
+        None,
+        description=(
+            "Whether the text keeps the stop sequence that ended it. The default is the "
+            "server's: true unless it runs with `--no-include-stop-str-in-output`."
+        ),
+    )
+    ignore_eos: bool | None = Field(False, description="Keep generating past end-of-sequence.")
+    response_format: ResponseFormatField = Field(
+        None,
+        description=(
+            "Constrained decoding: JSON (optionally matching a JSON schema) or a GBNF grammar. "
+            "A schema or grammar that cannot compile is 400."
+        ),
+    )
+    stream: bool | None = Field(
+        False, description="Answer with server-sent events (`text/event-stream`)."
+    )
+    stream_options: StreamOptionsField = Field(
+        None,
+        description=(
+            "Only with `stream: true` (else 400). Without `include_usage`, usage rides on the "
+            "chunk that finishes the last choice; `include_usage: true` sends it in a final "
+            "chunk with empty `choices` (OpenAI's), every other chunk having `usage: null` "
+            "or, with `continuous_usage_stats: true`, its choice's usage so far (vLLM's); "
+            "`include_usage: false` sends no usage. `include_obfuscation` is accepted and "
+            "ignored."
+        ),
+    )
+    return_token_ids: bool | None = Field(
+        False, description="Add `prompt_token_ids` and `token_ids` to each choice."
+    )
+    raw_output: bool | None = Field(False, description="Add `raw_output` to each choice.")
+    perf_metrics_in_response: bool | None = Field(
+        False, description="Add `perf_metrics` to the response."
+    )
+    prompt_cache_max_len: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Longest prompt prefix the prefix cache may use; 0 disables it for this request."
+        ),
+    )
+    user: str | None = Field(
+        None,
+        description="An end-user id for the server's logs; it does not change the output.",
+    )
 
     # --- OpenAI fields some clients always send; accepted only with neutral values.
-    suffix: None = None
-    best_of: int | None = None
-
-    @field_validator("prompt", mode="plain")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Prompt:
-        # Written out by hand: a pydantic union reports one error per branch, which
-        # makes a message no client can act on.
-        if isinstance(value, str):
-            if not value:
-                raise _invalid("prompt must not be empty")
-            return value
-        if not isinstance(value, list):
-            raise _wrong_type(_PROMPT_SHAPES)
-        if not value:
-            raise _invalid("prompt must not be empty")
-        if all(isinstance(item, str) for item in value):
-            if not all(value):
-                raise _invalid("prompt must not be empty")
-            return value
-        if all(_is_int(item) for item in value):
-            return value
-        if all(isinstance(item, list) and all(_is_int(t) for t in item) for item in value):
-            if not all(value):
-                raise _invalid("prompt must not be empty")
-            return value
-        raise _wrong_type(_PROMPT_SHAPES)
+    suffix: Suffix = Field(None, description="Accepted for OpenAI clients, only as null.")
+    best_of: BestOf = Field(None, description="Accepted for OpenAI clients, only as 1 or null.")
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -140,17 +242,6 @@ class CompletionRequest(BaseModel):
         if value is not None and info.data.get("max_tokens") is not None:
             raise _invalid("give `max_tokens` or `max_completion_tokens`, not both")
         return value
-
-    @field_validator("logprobs", mode="plain")
-    @classmethod
-    def _check_logprobs(cls, value: Any) -> int | bool | None:
-        if value is None or isinstance(value, bool):
-            return value
-        if not _is_int(value):
-            raise _wrong_type("logprobs must be an integer from 0 to 5, or a boolean")
-        if not 0 <= value <= 5:
-            raise _invalid("logprobs must be from 0 to 5")
-        return int(value)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -163,63 +254,6 @@ class CompletionRequest(BaseModel):
         if value is not None and (logprobs is None or logprobs is False):
             raise _invalid("top_logprobs needs logprobs (true or an integer)")
         return value
-
-    @field_validator("stop", mode="plain")
-    @classmethod
-    def _check_stop(cls, value: Any) -> str | list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise _wrong_type("stop must be a string or an array of strings")
-        if len(stops) > _MAX_STOP_SEQUENCES:
-            raise _invalid(f"stop takes at most {_MAX_STOP_SEQUENCES} sequences")
-        if not all(stops):
-            raise _invalid("stop sequences must not be empty")
-        return value if isinstance(value, str) else list(stops)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        # JSON object keys are strings; here they must spell token ids.
-        for key in value or {}:
-            if not (key.isascii() and key.isdigit()):
-                raise _invalid(f"logit_bias keys must be token ids, got {key[:20]!r}")
-        return value
-
-    @field_validator("stream_options", mode="plain")
-    @classmethod
-    def _check_stream_options(
-        cls, value: Any, info: ValidationInfo
-    ) -> dict[str, bool | None] | None:
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise _wrong_type("stream_options must be an object")
-        for key, flag in value.items():
-            if key not in _STREAM_OPTIONS:
-                known = ", ".join(_STREAM_OPTIONS)
-                raise _invalid(f"stream_options.{key[:40]} is not one of: {known}")
-            if flag is not None and not isinstance(flag, bool):
-                raise _wrong_type(f"stream_options.{key} must be a boolean")
-        # As vLLM: the options say how to stream, so without a stream they are a mistake.
-        if "stream" in info.data and not info.data["stream"]:
-            raise _invalid("stream_options is only allowed with stream: true")
-        return dict(value)
-
-    @field_validator("suffix", mode="plain")
-    @classmethod
-    def _check_suffix(cls, value: Any) -> None:
-        if value is not None:
-            raise PydanticCustomError("unsupported", "`suffix` is not supported")
-        return None
-
-    @field_validator("best_of", mode="plain")
-    @classmethod
-    def _check_best_of(cls, value: Any) -> int | None:
-        if value is not None and not (_is_int(value) and value == 1):
-            raise PydanticCustomError("unsupported", "`best_of` is only supported as 1 or null")
-        return None if value is None else 1
 
     @property
     def logprobs_format(self) -> LogprobsFormat | None:

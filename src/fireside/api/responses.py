@@ -1,14 +1,137 @@
-"""The response side of the API: bodies, streamed chunks and SSE framing.
+"""The response side of the completions API: the shape of every body, its builders,
+and SSE framing.
 
-Plain dicts rather than pydantic models: they are built on every streamed token,
-and their key order is the order of API.md's example.
+The shapes are TypedDicts: plain dicts at run time (they are built on every
+streamed token), checked by the type checker where they are built, and the
+source of their schemas in `/openapi.json` (`openapi.py`), so the document
+cannot drift from the code. Key order is the order of docs/api.md's example.
+A shape whose name starts with `_` has no component of its own in the
+document: it is written out where it is used.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Literal, NotRequired
+
+from pydantic import Field
+from typing_extensions import TypedDict
+
+from fireside.api.logprobs import ContentLogprobs, LegacyLogprobs
+from fireside.api.scalars import Count, PositiveCount, Seconds, TokenId
+from fireside.engine.types import FinishReason
+
+CompletionId = Annotated[str, Field(pattern="^cmpl-[0-9a-f]{32}$")]
+FinishReasonName = Literal["stop", "length"]
+# A finish reason as a client sees it; `abort` never reaches a choice (the request
+# failed with 503 instead).
+FINISH_REASON_NAMES: dict[FinishReason, FinishReasonName] = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+}
+PERF_HEADER_PREFIX = "fireworks-"
+
+
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+class _PromptTokensDetails(TypedDict):
+    cached_tokens: Count
+
+
+class Usage(TypedDict):
+    prompt_tokens: Count
+    completion_tokens: Count
+    total_tokens: Count
+    prompt_tokens_details: _PromptTokensDetails
+
+
+# Fireworks' names, which are not identifiers.
+PerfMetrics = TypedDict(
+    "PerfMetrics",
+    {
+        "prompt-tokens": Count,
+        "cached-prompt-tokens": Count,
+        "server-time-to-first-token": Seconds,
+        "server-processing-time": Seconds,
+    },
+)
+PerfMetrics.__doc__ = "Times are seconds since the request reached the server."
+
+
+class RawOutput(TypedDict):
+    prompt_fragments: list[str | int]
+    prompt_token_ids: list[int]
+    completion: str
+    completion_token_ids: list[TokenId]
+    completion_logprobs: ContentLogprobs | None
+
+
+class _ChoiceFields(TypedDict):
+    index: Count
+    text: str
+    logprobs: LegacyLogprobs | ContentLogprobs | None
+    # Only when the request asks for them, in this order.
+    prompt_token_ids: NotRequired[list[TokenId]]
+    token_ids: NotRequired[list[TokenId]]
+    raw_output: NotRequired[RawOutput]
+
+
+class CompletionChoice(_ChoiceFields):
+    finish_reason: FinishReasonName
+
+
+class CompletionChunkChoice(_ChoiceFields):
+    finish_reason: FinishReasonName | None  # set on the chunk that finishes the choice
+
+
+class Completion(TypedDict):
+    """A non-streamed response."""
+
+    id: CompletionId
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    perf_metrics: NotRequired[PerfMetrics]
+
+
+class CompletionChunk(TypedDict):
+    """One server-sent event's data, with one choice. Every chunk has the response's
+    `id`. The request's `usage` (and `perf_metrics`, when asked) rides on the chunk
+    that finishes the last choice, other chunks having `usage: null`; see
+    `stream_options` for OpenAI's separate usage chunk (empty `choices`)."""
+
+    id: CompletionId
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: NotRequired[Usage | None]
+    perf_metrics: NotRequired[PerfMetrics]
+
+
+class Model(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: PositiveCount
+    capabilities: list[Literal["completion", "vision"]]
+
+
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Health(TypedDict):
+    status: Literal["ok", "unavailable", "draining"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +144,7 @@ class ModelInfo:
     owned_by: str = "fireside"
     vision: bool = False  # accepts images (a projector is loaded)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> Model:
         return {
             "id": self.id,
             "object": "model",
@@ -32,38 +155,38 @@ class ModelInfo:
         }
 
 
+def model_list(models: list[ModelInfo]) -> ModelList:
+    return {"object": "list", "data": [m.to_dict() for m in models]}
+
+
 def choice_dict(
     index: int,
     text: str,
-    finish_reason: str | None,
-    logprobs: dict[str, Any] | None = None,
-    extras: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One choice; `extras` are the fields only some requests ask for, in API order
-    (`prompt_token_ids`, `token_ids`, `raw_output`)."""
-    body = {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
-    if extras:
-        body.update(extras)
+    finish_reason: FinishReason | None,
+    logprobs: LegacyLogprobs | ContentLogprobs | None = None,
+    *,
+    prompt_token_ids: list[int] | None = None,
+    token_ids: list[int] | None = None,
+    raw_output: RawOutput | None = None,
+) -> CompletionChunkChoice:
+    """One choice; the optional fields only when given (only some requests ask)."""
+    reason = None if finish_reason is None else FINISH_REASON_NAMES[finish_reason]
+    body: CompletionChunkChoice = {
+        "index": index,
+        "text": text,
+        "finish_reason": reason,
+        "logprobs": logprobs,
+    }
+    if prompt_token_ids is not None:
+        body["prompt_token_ids"] = prompt_token_ids
+    if token_ids is not None:
+        body["token_ids"] = token_ids
+    if raw_output is not None:
+        body["raw_output"] = raw_output
     return body
 
 
-def raw_output_dict(
-    prompt_fragments: list[str | int],
-    prompt_token_ids: list[int],
-    completion: str,
-    completion_token_ids: list[int],
-    completion_logprobs: dict[str, Any] | None,
-) -> dict[str, Any]:
-    return {
-        "prompt_fragments": prompt_fragments,
-        "prompt_token_ids": prompt_token_ids,
-        "completion": completion,
-        "completion_token_ids": completion_token_ids,
-        "completion_logprobs": completion_logprobs,
-    }
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -74,7 +197,7 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
 
 def perf_metrics_dict(
     prompt_tokens: int, cached_tokens: int, time_to_first_token_s: float, processing_s: float
-) -> dict[str, Any]:
+) -> PerfMetrics:
     """Fireworks' names; the times are seconds since the request reached the server."""
     return {
         "prompt-tokens": prompt_tokens,
@@ -84,35 +207,47 @@ def perf_metrics_dict(
     }
 
 
-def perf_metrics_headers(perf_metrics: dict[str, Any]) -> dict[str, str]:
+def perf_metrics_headers(perf_metrics: PerfMetrics) -> dict[str, str]:
     """The same metrics as `fireworks-*` headers, which non-streamed answers always carry."""
-    return {f"fireworks-{name}": str(value) for name, value in perf_metrics.items()}
+    return {f"{PERF_HEADER_PREFIX}{name}": str(value) for name, value in perf_metrics.items()}
 
 
 def completion_dict(
     cmpl_id: str,
     created: int,
     model: str,
-    choices: list[dict[str, Any]],
-    usage: dict[str, Any] | None = None,
-    perf_metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A whole response, or one streamed chunk (which has usage only when last)."""
-    body: dict[str, Any] = {
+    choices: list[CompletionChoice],
+    usage: Usage,
+    perf_metrics: PerfMetrics | None = None,
+) -> Completion:
+    """A whole (non-streamed) response."""
+    body: Completion = {
+        "id": cmpl_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
+    if perf_metrics is not None:
+        body["perf_metrics"] = perf_metrics
+    return body
+
+
+def chunk_dict(
+    cmpl_id: str, created: int, model: str, choices: list[CompletionChunkChoice]
+) -> CompletionChunk:
+    """One streamed chunk; the stream adds `usage` and `perf_metrics` where they go."""
+    return {
         "id": cmpl_id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": choices,
     }
-    if usage is not None:
-        body["usage"] = usage
-    if perf_metrics is not None:
-        body["perf_metrics"] = perf_metrics
-    return body
 
 
-def sse_event(data: dict[str, Any]) -> bytes:
+def sse_event(data: Mapping[str, object]) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
 

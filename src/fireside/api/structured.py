@@ -1,26 +1,93 @@
 """`response_format` to a grammar the engine can enforce.
 
-The shapes (API.md): `{"type": "text"}`; `{"type": "json_object"}` with an
-optional `"schema"`; `{"type": "json_schema", "json_schema": {"name", "schema"}}`;
-`{"type": "grammar", "grammar": "<GBNF>"}`. A schema may be an object or a JSON
-string. Objects that list properties are closed to other keys unless the schema
-says otherwise, as on the hosted API.
+The shapes (docs/api.md) are the TypedDicts below: `grammar_spec` takes the keys
+each type allows from them, and `/openapi.json` documents them, so the two
+agree. A schema may be an object or a JSON string. Objects that list properties
+are closed to other keys unless the schema says otherwise, as on the hosted API.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, get_args, get_type_hints
+
+from pydantic import ConfigDict, Field, GetJsonSchemaHandler, TypeAdapter, with_config
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+from typing_extensions import TypedDict
 
 from fireside.api.errors import APIError
 from fireside.engine.types import GrammarSpec
 
+SchemaValue = Annotated[
+    dict[str, Any]
+    | Annotated[str, Field(json_schema_extra={"contentMediaType": "application/json"})]
+    | None,
+    Field(description="A JSON schema, as an object or as a string holding its JSON."),
+]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ResponseFormatText(TypedDict):
+    type: Literal["text"]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ResponseFormatJsonObject(TypedDict):
+    """Any JSON object, or one matching `schema` when given."""
+
+    type: Literal["json_object"]
+    schema: NotRequired[SchemaValue]
+
+
+@with_config(ConfigDict(extra="ignore"))  # open: only `schema` is read
+class _JsonSchema(TypedDict, total=False):
+    name: str
+    description: str
+    schema: SchemaValue
+    strict: bool | None
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ResponseFormatJsonSchema(TypedDict):
+    type: Literal["json_schema"]
+    json_schema: _JsonSchema
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ResponseFormatGrammar(TypedDict):
+    """A GBNF grammar the output must match."""
+
+    type: Literal["grammar"]
+    grammar: Annotated[str, Field(pattern=r"\S")]
+
+
+ResponseFormat = (
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema | ResponseFormatGrammar
+)
+
+
+class _DocumentedAs:
+    """Annotated metadata: the field's JSON schema is `shape`'s; validation is the field's."""
+
+    def __init__(self, shape: Any) -> None:
+        self._adapter: TypeAdapter[Any] = TypeAdapter(shape)
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(self._adapter.core_schema)
+
+
+# The request field: an object, checked by `grammar_spec` when the request is planned,
+# where a 400 can say what is wrong with it.
+ResponseFormatField = Annotated[dict[str, Any] | None, _DocumentedAs(ResponseFormat | None)]
+
 _PARAM = "response_format"
-_KEYS = {
-    "text": {"type"},
-    "json_object": {"type", "schema"},
-    "json_schema": {"type", "json_schema"},
-    "grammar": {"type", "grammar"},
+# Each type's allowed keys, from its shape.
+_KEYS: dict[str, frozenset[str]] = {
+    get_args(get_type_hints(shape)["type"])[0]: shape.__required_keys__ | shape.__optional_keys__
+    for shape in get_args(ResponseFormat)
 }
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # Keywords whose value is a schema, a list of schemas, or a map of name -> schema.

@@ -4,21 +4,13 @@ In vLLM's shapes, so that clients written for vLLM work unchanged: lm-evaluation
 harness's `local-completions` model finds them at the server root (it strips
 `/v1/completions` from its `base_url`) and then tokenizes through the server
 instead of downloading a Hugging Face tokenizer. The same routes are served
-under `/v1` and `/inference/v1`.
+under `/inference`, `/v1` and `/inference/v1`.
 
-- `tokenizer_info`: the model's tokenizer_config.json, as far as a GGUF file
-  holds one: the special tokens' text, whether tokenizing adds BOS/EOS, the
-  context length and the chat template (only when the model has one).
-- `tokenize`: `{"prompt": str, "add_special_tokens": bool = true,
-  "return_token_strs": bool = false}` -> `{"count", "max_model_len", "tokens",
-  "token_strs"}`. Special tokens written in the text (`<|im_start|>`) are parsed
-  either way, as Hugging Face tokenizers do; `add_special_tokens` only adds BOS
-  (EOS) when the model asks for it. The ids are the ones a completion of the
-  same string prompt would use.
-- `detokenize`: `{"tokens": [int]}` -> `{"prompt": str}`, special tokens written
-  out as their text.
-
-`model` is optional when one model is served (or one model and its aliases).
+The bodies are the models and TypedDicts below, which `/openapi.json` is
+generated from. Special tokens written in a prompt (`<|im_start|>`) are parsed
+whatever `add_special_tokens` says, as Hugging Face tokenizers do, and
+`detokenize` writes them out as their text. `model` is optional when one model
+is served (or one model and its aliases).
 """
 
 from __future__ import annotations
@@ -26,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, NotRequired, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import TypedDict
 
 from fireside.api.errors import APIError, from_validation_errors
 from fireside.api.prompts import TOKENIZE_IN_THREAD_CHARS
+from fireside.api.scalars import Count, PositiveCount, TokenId
 from fireside.engine.client import EngineClient
 
 _Body = TypeVar("_Body", bound=BaseModel)
@@ -40,24 +34,66 @@ _Body = TypeVar("_Body", bound=BaseModel)
 TOKENIZER_CLASS = "LlamaCppTokenizer"
 
 
+_MODEL_DESCRIPTION = "The id of a served model; needed only when several models are served."
+
+
 class TokenizeRequest(BaseModel):
-    """The body of `POST /tokenize`. Null means "not given", as in completions."""
+    """`add_special_tokens` adds the model's BOS/EOS when it uses them; special tokens
+    written in the prompt are parsed either way. The ids are those a completion of
+    the same string prompt uses. Null means "not given", as in completions."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = None
-    prompt: str
-    add_special_tokens: bool | None = True
-    return_token_strs: bool | None = False
+    model: str | None = Field(None, description=_MODEL_DESCRIPTION)
+    prompt: str = Field(description="The text to tokenize.")
+    add_special_tokens: bool | None = Field(
+        True, description="Add the model's BOS (EOS) token when the model uses one."
+    )
+    return_token_strs: bool | None = Field(
+        False, description="Add `token_strs`, each token's text."
+    )
 
 
 class DetokenizeRequest(BaseModel):
-    """The body of `POST /detokenize`."""
+    """Token ids must be below the model's vocabulary size."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    model: str | None = Field(None, description=_MODEL_DESCRIPTION)
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(
+        description="The token ids to turn into text."
+    )
+
+
+class TokenizerInfo(TypedDict):
+    """The model's tokenizer_config.json as far as its GGUF file holds one (vLLM's
+    shape): the special tokens' text (null when the model has none), whether
+    tokenizing with special tokens adds BOS/EOS, the context length, and the chat
+    template (left out when the model has none)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    add_eos_token: bool
+    model_max_length: PositiveCount
+    chat_template: NotRequired[str]
+
+
+class TokenizeResponse(TypedDict):
+    """The prompt's token ids; `token_strs` (each token's text) when asked."""
+
+    count: Count
+    max_model_len: PositiveCount
+    tokens: list[TokenId]
+    token_strs: list[str] | None
+
+
+class DetokenizeResponse(TypedDict):
+    """The tokens' text, special tokens written out (`<|im_start|>`)."""
+
+    prompt: str
 
 
 class TokenizerService:
@@ -82,10 +118,10 @@ class TokenizerService:
             "missing_required_parameter",
         )
 
-    def info(self, model: str | None) -> dict[str, Any]:
+    def info(self, model: str | None) -> TokenizerInfo:
         engine = self.engine(model)
         tokenizer = engine.tokenizer_info()
-        body: dict[str, Any] = {
+        body: TokenizerInfo = {
             "tokenizer_class": TOKENIZER_CLASS,
             "bos_token": tokenizer.bos_token,
             "eos_token": tokenizer.eos_token,
@@ -98,7 +134,7 @@ class TokenizerService:
             body["chat_template"] = tokenizer.chat_template
         return body
 
-    async def tokenize(self, body: bytes) -> dict[str, Any]:
+    async def tokenize(self, body: bytes) -> TokenizeResponse:
         request = _parse(TokenizeRequest, body)
         engine = self.engine(request.model)
         add_special = request.add_special_tokens is not False
@@ -118,7 +154,7 @@ class TokenizerService:
             "token_strs": token_strs,
         }
 
-    def detokenize(self, body: bytes) -> dict[str, Any]:
+    def detokenize(self, body: bytes) -> DetokenizeResponse:
         request = _parse(DetokenizeRequest, body)
         engine = self.engine(request.model)
         for position, token in enumerate(request.tokens):
