@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from fireside.bench import Workload, run
+from fireside.config import ServeConfig
 from fireside.models import default_model_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +77,9 @@ WORKLOADS = {
 def raw_decode(model: str, threads: int, w: Workload) -> dict:
     """The same batch shapes as the served W5, straight through llama_decode.
 
-    Prompts go in 512-token batches (as the engine's token budget packs them),
-    then one decode token per sequence per step; total tokens over wall time.
+    Prompts go in batches of the default `--batch-size` tokens (as the engine's token
+    budget packs them), then one decode token per sequence per step; total tokens over
+    wall time.
     """
     import numpy as np
 
@@ -87,21 +89,29 @@ def raw_decode(model: str, threads: int, w: Workload) -> dict:
 
     target = weights.choose(model, "auto")
     path = weights.convert(model, target, say=lambda _: None) if target else model
+    served = ServeConfig()  # the shapes `fireside serve` gives llama.cpp by default
     runner = LlamaCppRunner(
         LlamaCppConfig(
-            path, n_ctx=8192, n_batch=512, n_seq_max=w.requests, n_threads=threads, flash_attn=True
+            path,
+            n_ctx=served.ctx_size,
+            n_batch=served.batch_size,
+            n_seq_max=w.requests,
+            n_threads=threads,
+            flash_attn=served.flash_attn,
+            mmproj_path=None,
         )
     )
     prompts = [runner.tokenize(p) for p in w.prompts()]
     pending = [(s, pos, t) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
     started = time.perf_counter()
     last = [0] * len(prompts)
-    for i in range(0, len(pending), 512):
+    for i in range(0, len(pending), served.batch_size):
+        chunk = pending[i : i + served.batch_size]
         batch = Batch()
-        for s, pos, t in pending[i : i + 512]:
+        for s, pos, t in chunk:
             batch.add(t, pos, s, pos == len(prompts[s]) - 1)
         rows = runner.forward(batch)
-        ends = [s for s, pos, _ in pending[i : i + 512] if pos == len(prompts[s]) - 1]
+        ends = [s for s, pos, _ in chunk if pos == len(prompts[s]) - 1]
         for r, s in enumerate(ends):
             last[s] = int(np.argmax(rows[r]))
     for step in range(w.output_tokens - 1):

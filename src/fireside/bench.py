@@ -28,6 +28,9 @@ from typing import Any
 
 import httpx
 
+from fireside.config import ServeConfig
+from fireside.models import DEFAULT_MODEL_NAME
+
 _WORDS = (
     "the of and to in is was for on that with as by at from his her they this "
     "have had one all were we when there can an your which their said if do will "
@@ -201,12 +204,14 @@ async def run(url: str, model: str, w: Workload, api_key: str | None = None) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = Workload()
+    d, served = Workload(), ServeConfig()  # by default, `fireside serve` with no flags
     parser.add_argument(
-        "--url", default="http://127.0.0.1:8000", help="the server's base URL (before /v1)"
+        "--url",
+        default=f"http://{served.host}:{served.port}",
+        help="the server's base URL (before /v1)",
     )
     parser.add_argument(
-        "--model", default="SmolLM2-135M-Instruct", help="the `model` each request names"
+        "--model", default=DEFAULT_MODEL_NAME, help="the `model` each request names"
     )
     parser.add_argument("--api-key", default=None, help="a Bearer key, if the server wants one")
     parser.add_argument(

@@ -1,41 +1,230 @@
-"""Server settings: the one place a default lives. The command line reads its defaults here."""
+"""Server settings: the one place a default lives.
+
+Each `ServeConfig` field is one `fireside serve` flag: its metadata carries the flag's
+name, help and bounds, and `cli.py` builds the parser from them. The lower layers'
+configs (`EngineConfig`, `LlamaCppConfig`, `CompletionService`'s settings) have no
+defaults of their own: `server.py` fills them from here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fireside.models import resolve_aliases, resolve_models
+
+# llama.cpp's LLAMA_MAX_SEQ: the most sequence ids one context may have.
+MAX_SEQUENCES = 256
+
+
+def setting(
+    default: Any,
+    flag: str,
+    help: str,
+    *,
+    metavar: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    positive: bool = False,
+) -> Any:
+    """A field that is also a flag. `low`/`high` bound it (inclusive); `positive` asks
+    for more than 0. The flag's type comes from the field's annotation."""
+    meta: dict[str, Any] = {"flag": flag, "help": help, "metavar": metavar, "choices": choices}
+    meta |= {"low": low, "high": high, "positive": positive}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # --model: "PATH" or "NAME=PATH", repeatable; none serves the embedded SmolLM2-135M-Instruct.
-    models: tuple[str, ...] = ()
-    mmproj: tuple[str, ...] = ()  # "PATH" (the only model's) or "NAME=PATH": vision projectors
-    aliases: tuple[str, ...] = ()  # "ALIAS=NAME": more ids for a loaded model
-    max_image_bytes: int = 10 * 2**20  # per image, decoded
-    model_name: str | None = None  # the id clients send; defaults to the file's name
-    api_keys: tuple[str, ...] = field(default_factory=tuple)
-    ctx_size: int = 8192  # KV cells shared by all sequences; also caps one request's context
-    parallel: int = 16  # sequences decoding at once
-    threads: int = 0  # llama.cpp threads; 0 = the cores this process may use
-    batch_size: int = 512  # most tokens per engine step (llama.cpp n_batch)
-    default_max_tokens: int = 16
-    # For requests that do not send `include_stop_str_in_output`: true keeps the stop
-    # string in the text (the source document's rule), false drops it (OpenAI's).
-    include_stop_str_in_output: bool = True
-    flash_attn: bool = True  # measured: 219 vs 124 tok/s at 16 streams, 2 threads
-    # original: the file as given (the default: the model's own numbers); auto converts
-    # slow formats (Q4_1) to Q8_0, faster on CPU but logprobs move (issue 11: 0.16 nats
-    # mean, 0.65 max on lm-eval loglikelihoods); q8_0; q4_0.
-    weights: str = "original"
-    cache_dir: str | None = None  # converted weights; None: $FIRESIDE_CACHE_DIR or ~/.cache
-    prefill_chunk: int = 512  # prompt tokens per step while other streams decode (scheduler.py)
-    max_waiting: int = 256  # requests queued beyond the running ones; more get 429
-    request_timeout: float = 600.0  # seconds; a request running longer is stopped
-    shutdown_grace: float = 30.0  # seconds running requests get to finish on SIGTERM
-    prefix_cache: int = 32  # finished sequences whose KV is kept for reuse; 0 turns it off
-    log_level: str = "info"
+    host: str = setting("127.0.0.1", "--host", "address to listen on")
+    port: int = setting(8000, "--port", "port to listen on (0: any free)", low=0, high=65535)
+    # None of these (no --model) serves the embedded SmolLM2-135M-Instruct.
+    models: tuple[str, ...] = setting(
+        (),
+        "--model",
+        "a GGUF model to serve, repeatable (each gets its own engine); "
+        "without it, the embedded SmolLM2-135M-Instruct Q4_1",
+        metavar="[NAME=]PATH.gguf",
+    )
+    mmproj: tuple[str, ...] = setting(
+        (),
+        "--mmproj",
+        "a model's vision projector (libmtmd): requests to it may carry images",
+        metavar="[NAME=]PATH.gguf",
+    )
+    aliases: tuple[str, ...] = setting(
+        (),
+        "--alias",
+        "another id clients may use for a loaded model (repeatable), "
+        "e.g. accounts/fireworks/models/x=SmolLM2-135M-Instruct",
+        metavar="ALIAS=NAME",
+    )
+    max_image_bytes: int = setting(
+        10 * 2**20,
+        "--max-image-bytes",
+        "largest image accepted, in bytes (after base64 decoding)",
+        metavar="N",
+        low=1,
+    )
+    model_name: str | None = setting(
+        None,
+        "--model-name",
+        "model id clients send in `model` (default: the file's name without .gguf)",
+        metavar="NAME",
+    )
+    # Also read from FIRESIDE_API_KEYS (cli.py); none at all: the server is open.
+    api_keys: tuple[str, ...] = setting(
+        (),
+        "--api-key",
+        "accept this Bearer key (repeatable); also read from FIRESIDE_API_KEYS "
+        "(comma-separated). With no key at all the server is open to anyone",
+        metavar="KEY",
+    )
+    ctx_size: int = setting(
+        8192,
+        "--ctx-size",
+        "KV cache cells shared by all running sequences; one request's context "
+        "is the smaller of this and the model's training context",
+        metavar="N",
+        low=64,
+        high=2**31 - 1,  # llama.cpp's positions are 32-bit
+    )
+    parallel: int = setting(
+        16,
+        "--parallel",
+        "sequences decoding at once (a request with n above this runs alone)",
+        metavar="N",
+        low=1,
+        high=MAX_SEQUENCES,
+    )
+    threads: int = setting(
+        0,
+        "--threads",
+        "llama.cpp compute threads (0: the cores this process may use)",
+        metavar="N",
+        low=0,
+    )
+    batch_size: int = setting(
+        512,
+        "--batch-size",
+        "most tokens computed in one engine step (prompt chunks plus decode tokens)",
+        metavar="N",
+        low=1,
+        high=8192,
+    )
+    default_max_tokens: int = setting(
+        16,
+        "--default-max-tokens",
+        "max_tokens when a request does not say",
+        metavar="N",
+        low=0,
+    )
+    # True keeps the stop string in the text (the source document's rule), false
+    # drops it (OpenAI's).
+    include_stop_str_in_output: bool = setting(
+        True,
+        "--include-stop-str-in-output",
+        "whether a text ended by a stop string keeps it, when the request does not say "
+        "(include_stop_str_in_output): on, the source document's rule; off, OpenAI's, "
+        "which LangChain and lm-eval's generate tasks expect",
+    )
+    # Measured: 219 vs 124 tok/s at 16 streams, 2 threads.
+    flash_attn: bool = setting(
+        True,
+        "--flash-attn",
+        "llama.cpp's flash attention kernels (1.8x the 16-stream throughput on CPU here)",
+    )
+    # A step's length is a gap between two tokens of every running stream. Measured at
+    # 16 streams, 2 threads: 128 gave ITL p99 0.49 s but 140 tok/s; 512 gives p99
+    # 0.77 s and 182 tok/s.
+    prefill_chunk: int = setting(
+        512,
+        "--prefill-chunk",
+        "prompt tokens per step while other streams decode (bounds their token gaps)",
+        metavar="N",
+        low=1,
+    )
+    # original is the model's own numbers; auto's Q4_1 -> Q8_0 moves logprobs (issue 11:
+    # 0.16 nats mean, 0.65 max on lm-eval loglikelihoods).
+    weights: str = setting(
+        "original",
+        "--weights",
+        "original: serve the file as given; auto: convert Q4_1 weights to Q8_0 once "
+        "(faster on CPU, but logprobs move: 0.16 nats mean on lm-eval loglikelihoods); "
+        "q8_0, q4_0: convert to that format",
+        choices=("auto", "original", "q8_0", "q4_0"),
+    )
+    cache_dir: str | None = setting(
+        None,
+        "--cache-dir",
+        "where converted weights are kept (default: $FIRESIDE_CACHE_DIR or ~/.cache/fireside)",
+        metavar="DIR",
+    )
+    max_waiting: int = setting(
+        256,
+        "--max-waiting",
+        "requests that may wait for a slot; beyond them, 429 with Retry-After",
+        metavar="N",
+        low=0,
+    )
+    request_timeout: float = setting(
+        600.0,
+        "--request-timeout",
+        "seconds a request may run before it is stopped with an error",
+        metavar="S",
+        positive=True,
+    )
+    shutdown_grace: float = setting(
+        30.0,
+        "--shutdown-grace",
+        "on SIGTERM/SIGINT, seconds running requests get to finish",
+        metavar="S",
+        low=0,
+    )
+    prefix_cache: int = setting(
+        32,
+        "--prefix-cache",
+        "finished sequences whose KV stays cached for prompts that share a prefix (0: off)",
+        metavar="N",
+        low=0,
+        # With n up to 128 (api.protocol.MAX_N), within MAX_SEQUENCES sequence ids.
+        high=128,
+    )
+    log_level: str = setting(
+        "info",
+        "--log-level",
+        "the least severe log lines shown (on stderr, one format: time level logger: text)",
+        choices=("debug", "info", "warning", "error"),
+    )
 
-    # llama.cpp needs a sequence id per sample, and one request may ask for n=128.
-    max_n: int = 128
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming its flag; empty if nothing."""
+        bounds = [p for f in dataclasses.fields(self) if (p := _out_of_bounds(self, f))]
+        try:
+            specs = resolve_models(self.models, self.model_name, self.mmproj)
+            resolve_aliases(self.aliases, specs)
+        except ValueError as exc:
+            return [str(exc), *bounds]
+        missing = [
+            f"{spec.name}: {path}: no such file"
+            for spec in specs
+            for path in (spec.path, spec.mmproj)
+            if path is not None and not Path(path).is_file()
+        ]
+        return missing + bounds
+
+
+def _out_of_bounds(config: ServeConfig, field: dataclasses.Field[Any]) -> str | None:
+    meta = field.metadata
+    value = getattr(config, field.name)
+    low, high = meta.get("low"), meta.get("high")
+    if meta.get("positive") and not value > 0:
+        return f"{meta['flag']} must be positive"
+    if low is not None and high is not None and not low <= value <= high:
+        return f"{meta['flag']} must be in {low}..{high}"
+    if low is not None and high is None and value < low:
+        return f"{meta['flag']} must be " + ("0 or more" if low == 0 else f"at least {low}")
+    return None

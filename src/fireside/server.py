@@ -15,10 +15,11 @@ from fastapi import FastAPI
 
 from fireside import logs
 from fireside.api import CompletionService, ModelInfo, create_app
+from fireside.api.protocol import MAX_N
 from fireside.api.status import StatusCounter
-from fireside.cli import ModelSpec, resolve_aliases, resolve_models
-from fireside.config import ServeConfig
+from fireside.config import MAX_SEQUENCES, ServeConfig
 from fireside.engine.engine import Engine, EngineConfig
+from fireside.models import ModelSpec, resolve_aliases, resolve_models
 from fireside.runner import weights
 from fireside.runner.llamacpp import LlamaCppConfig, LlamaCppRunner, available_cores
 
@@ -113,24 +114,36 @@ def adjustments(config: ServeConfig, n_ctx: int, n_batch: int, n_ctx_train: int)
     return notes
 
 
-def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
-    path, name = spec.path, spec.name
-    threads = config.threads or available_cores()
-    path = weights_path(config, path)
-    started = time.perf_counter()
-    runner = LlamaCppRunner(
-        LlamaCppConfig(
-            model_path=path,
-            n_ctx=config.ctx_size,
-            n_batch=config.batch_size,
-            # A sequence id per running sample, plus one per cached prefix.
-            n_seq_max=min(256, max(config.parallel, config.max_n) + config.prefix_cache),
-            n_threads=threads,
-            flash_attn=config.flash_attn,
-            mmproj_path=spec.mmproj,
-        ),
-        progress=_Progress(name),
+def runner_config(config: ServeConfig, path: str, mmproj: str | None) -> LlamaCppConfig:
+    """llama.cpp's settings for one model file, all from the server's."""
+    return LlamaCppConfig(
+        model_path=path,
+        n_ctx=config.ctx_size,
+        n_batch=config.batch_size,
+        # A sequence id per running sample, plus one per cached prefix.
+        n_seq_max=min(MAX_SEQUENCES, max(config.parallel, MAX_N) + config.prefix_cache),
+        n_threads=config.threads or available_cores(),
+        flash_attn=config.flash_attn,
+        mmproj_path=mmproj,
     )
+
+
+def engine_config(config: ServeConfig) -> EngineConfig:
+    """The engine's settings, all from the server's (tests build theirs here too)."""
+    return EngineConfig(
+        max_running=config.parallel,
+        token_budget=config.batch_size,
+        cache_entries=config.prefix_cache,
+        prefill_chunk=config.prefill_chunk,
+    )
+
+
+def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
+    name = spec.name
+    path = weights_path(config, spec.path)
+    started = time.perf_counter()
+    settings = runner_config(config, path, spec.mmproj)
+    runner = LlamaCppRunner(settings, progress=_Progress(name))
     log.info(
         "model %s: loaded %s in %.1fs: vocab %d, context %d, %d KV cells, %d threads",
         name,
@@ -139,24 +152,16 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
         runner.vocab_size,
         min(runner.n_ctx, runner.n_ctx_train),
         runner.n_ctx,
-        threads,
+        settings.n_threads,
     )
     for note in adjustments(config, runner.n_ctx, runner.n_batch, runner.n_ctx_train):
         log.warning("model %s: %s", name, note)
-    return Engine(
-        runner,
-        EngineConfig(
-            max_running=config.parallel,
-            token_budget=config.batch_size,
-            cache_entries=config.prefix_cache,
-            prefill_chunk=config.prefill_chunk,
-        ),
-    )
+    return Engine(runner, engine_config(config))
 
 
 def serve(config: ServeConfig) -> int:
-    specs = resolve_models(config)
-    aliases = resolve_aliases(config, specs)
+    specs = resolve_models(config.models, config.model_name, config.mmproj)
+    aliases = resolve_aliases(config.aliases, specs)
     engines: dict[str, Engine] = {}
     for spec in specs:  # each model has its own engine (and its own llama.cpp threads)
         engines[spec.name] = build_engine(config, spec)
