@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, _start
+from tests.e2e.conftest import MODEL
 
 PROMPT = "The capital of France is"
 PROMPT_IDS = [504, 3575, 282, 4649, 314]  # SmolLM2's tokens for PROMPT
@@ -130,13 +130,8 @@ def test_tokenizer_errors(client):
 
 
 @pytest.fixture(scope="module")
-def openai_style_url():
-    proc, url = _start("--no-include-stop-str-in-output", "--prefix-cache", "0")
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def openai_style_url(start_module_server):
+    return start_module_server("--no-include-stop-str-in-output", "--prefix-cache", "0").url
 
 
 def test_server_option_drops_stop_strings_unless_a_request_keeps_them(openai_style_url):

@@ -127,7 +127,7 @@ def test_seeded_sampling_is_reproducible_while_others_run(cold_server_url):
         "prompt": "My favourite animal is",
         "temperature": 1.0,
         # Batch shape changes llama.cpp's float sums slightly; over long outputs a draw that
-        # lands near a boundary can flip (DESIGN.md), so compare a short continuation.
+        # lands near a boundary can flip (docs/api.md, Seeds): compare a short continuation.
         "max_tokens": 6,
         "seed": 1234,
     }

@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.conftest import MODEL, _start
+from tests.e2e.conftest import MODEL
 from tests.vlm import N_IMAGE_TOKENS, make_tiny_vlm
 
 VLM = "tiny-vlm"
 
 
 @pytest.fixture(scope="module")
-def vlm_url(tmp_path_factory):
+def vlm_url(tmp_path_factory, start_module_server):
     lm, mmproj = make_tiny_vlm(tmp_path_factory.mktemp("vlm"))
-    proc, url = _start(
+    server = start_module_server(
         "--model",
         str(lm),
         "--mmproj",
@@ -33,11 +33,7 @@ def vlm_url(tmp_path_factory):
         "--max-image-bytes",
         "20000",
     )
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    return server.url
 
 
 @pytest.fixture

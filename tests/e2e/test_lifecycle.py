@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tests.e2e.conftest import MODEL, _start
+from tests.e2e.conftest import MODEL
 
 
 def stream_body(**extra):
@@ -45,8 +45,9 @@ async def read_stream(c: httpx.AsyncClient, body: dict, started: asyncio.Event |
     return finish, done, error
 
 
-def test_sigterm_lets_running_streams_finish_then_exits_0():
-    proc, url = _start("--shutdown-grace", "60")
+def test_sigterm_lets_running_streams_finish_then_exits_0(start_server):
+    server = start_server("--shutdown-grace", "60")
+    url = server.url
 
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=120) as c:
@@ -56,7 +57,7 @@ def test_sigterm_lets_running_streams_finish_then_exits_0():
                 for i in range(8)
             ]
             await asyncio.gather(*(e.wait() for e in events))
-            proc.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
             try:  # a new request while draining: refused (503, or no connection at all)
                 late = await c.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
@@ -68,11 +69,12 @@ def test_sigterm_lets_running_streams_finish_then_exits_0():
     results, refused = asyncio.run(main())
     assert results == [("length", True, None)] * 8
     assert refused
-    assert proc.wait(timeout=60) == 0
+    assert server.wait(timeout=60) == 0
 
 
-def test_a_dead_engine_fails_requests_fast_and_the_process_exits_non_zero():
-    proc, url = _start(env_extra={"FIRESIDE_TEST_HOOKS": "1"})
+def test_a_dead_engine_fails_requests_fast_and_the_process_exits_non_zero(start_server):
+    server = start_server(env_extra={"FIRESIDE_TEST_HOOKS": "1"})
+    url = server.url
 
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
@@ -100,34 +102,30 @@ def test_a_dead_engine_fails_requests_fast_and_the_process_exits_non_zero():
     assert error is not None and done and finish is None  # an error event, then [DONE]
     assert status >= 500
     assert elapsed < 10  # failed fast, not hung
-    assert proc.wait(timeout=30) != 0
+    assert server.wait(timeout=30) != 0
 
 
-def test_a_full_queue_answers_429_while_accepted_requests_complete():
-    proc, url = _start("--parallel", "2", "--max-waiting", "2")
-    try:
+def test_a_full_queue_answers_429_while_accepted_requests_complete(start_server):
+    url = start_server("--parallel", "2", "--max-waiting", "2").url
 
-        async def main():
-            async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-                return await asyncio.gather(
-                    *(
-                        c.post(
-                            "/v1/completions",
-                            json={
-                                "model": MODEL,
-                                "prompt": f"Item {i}:",
-                                "max_tokens": 24,
-                                "ignore_eos": True,
-                            },
-                        )
-                        for i in range(12)
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/completions",
+                        json={
+                            "model": MODEL,
+                            "prompt": f"Item {i}:",
+                            "max_tokens": 24,
+                            "ignore_eos": True,
+                        },
                     )
+                    for i in range(12)
                 )
+            )
 
-        results = asyncio.run(main())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    results = asyncio.run(main())
     codes = [r.status_code for r in results]
     assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 2
     for r in results:

@@ -33,7 +33,7 @@ def reference():
         n_threads=1,
         logits_all=True,
         verbose=False,
-        flash_attn=True,  # the server's setting: it moves logprobs by up to 0.2 (DESIGN.md)
+        flash_attn=True,  # the server's: it moves logprobs by up to 0.2 (docs/api.md, Logprobs)
     )
 
     def score(token_ids: list[int]) -> np.ndarray:

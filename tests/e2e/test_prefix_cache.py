@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from tests.e2e.conftest import MODEL, _start
+from tests.e2e.conftest import MODEL
 
 SYSTEM = (
     "You are a careful assistant for a small library. You answer questions about "
@@ -82,23 +82,17 @@ def kv_usage(client) -> float:
     return float(re.search(r"^fireside:kv_cache_usage_perc\S* (\S+)$", text, re.M).group(1))
 
 
-def test_a_request_that_fills_the_context_does_not_wedge_the_server():
+def test_a_request_that_fills_the_context_does_not_wedge_the_server(start_server):
     """Issue 11: after one request filled a 256- or 1024-cell context, its cached KV
     held every cell and the next multi-token prompt never got an answer."""
-    proc, url = _start("--ctx-size", "256")
-    try:
-        with httpx.Client(base_url=url, timeout=120) as c:
-            fill = {"model": MODEL, "prompt": "Hi how are you", "max_tokens": 100000}
-            r = c.post("/v1/completions", json={**fill, "ignore_eos": True})
+    url = start_server("--ctx-size", "256").url
+    with httpx.Client(base_url=url, timeout=120) as c:
+        fill = {"model": MODEL, "prompt": "Hi how are you", "max_tokens": 100000}
+        r = c.post("/v1/completions", json={**fill, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["finish_reason"] == "length"
+        assert kv_usage(c) <= 0.25  # what stays cached is bounded
+        for prompt in ("Tell me a story", "Hi how are you doing today"):
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4})
             assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["finish_reason"] == "length"
-            assert kv_usage(c) <= 0.25  # what stays cached is bounded
-            for prompt in ("Tell me a story", "Hi how are you doing today"):
-                r = c.post(
-                    "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 4}
-                )
-                assert r.status_code == 200, r.text
-                assert r.json()["usage"]["completion_tokens"] >= 1
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            assert r.json()["usage"]["completion_tokens"] >= 1

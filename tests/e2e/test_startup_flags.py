@@ -16,36 +16,30 @@ import httpx
 import pytest
 
 from fireside.runner.llamacpp import LlamaCppConfig, context_shape
-from tests.e2e.conftest import MODEL, _start
-
-pytestmark = pytest.mark.slow
+from tests.e2e.conftest import MODEL, StartServer
 
 
-def serve_and_complete(*flags: str) -> list[str]:
-    proc, url = _start(*flags)
-    try:
-        r = httpx.post(
-            f"{url}/v1/completions",
-            json={"model": MODEL, "prompt": "Tell me a story", "max_tokens": 4},
-            timeout=60,
-        )
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] >= 1
-        return list(proc.log_lines)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def serve_and_complete(start_server: StartServer, *flags: str) -> list[str]:
+    server = start_server(*flags)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": MODEL, "prompt": "Tell me a story", "max_tokens": 4},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    return list(server.log_lines)
 
 
-def test_a_small_ctx_size_starts_and_the_rounding_is_reported():
-    lines = serve_and_complete("--ctx-size", "150")
+def test_a_small_ctx_size_starts_and_the_rounding_is_reported(start_server):
+    lines = serve_and_complete(start_server, "--ctx-size", "150")
     text = "".join(lines)
     assert "--ctx-size 150: llama.cpp allocated 256 KV cells" in text
     assert "GGML_ASSERT" not in text
 
 
-def test_a_batch_smaller_than_the_sequence_ids_starts():
-    text = "".join(serve_and_complete("--batch-size", "128"))
+def test_a_batch_smaller_than_the_sequence_ids_starts(start_server):
+    text = "".join(serve_and_complete(start_server, "--batch-size", "128"))
     assert "GGML_ASSERT" not in text
 
 
@@ -69,7 +63,8 @@ def test_ctx_sizes_out_of_range_are_refused_by_name(value):
 
 def test_context_shape_gives_llama_cpp_a_batch_that_holds_every_sequence():
     def shape(n_ctx: int, n_batch: int, n_seq_max: int) -> tuple[int, int]:
-        return context_shape(LlamaCppConfig("m.gguf", n_ctx, n_batch, n_seq_max))
+        config = LlamaCppConfig("m.gguf", n_ctx, n_batch, n_seq_max, 1, True, None)
+        return context_shape(config)
 
     assert shape(150, 512, 160) == (256, 256)
     assert shape(256, 128, 160) == (256, 160)

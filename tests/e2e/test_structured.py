@@ -187,7 +187,7 @@ def test_constrained_and_free_requests_in_one_batch(server_url):
     alone, results = asyncio.run(main())
     # The free request is untouched by its neighbours' masks: a mask on the wrong row
     # would force "{" or a quote. (Its tail may differ: batch shape moves llama.cpp's
-    # float sums, and greedy near-ties can flip; DESIGN.md.)
+    # float sums, and greedy near-ties can flip: docs/api.md, Seeds.)
     busy = results[-1]["choices"][0]["text"]
     assert alone["choices"][0]["text"].startswith(" Paris")
     assert busy.startswith(" Paris")
