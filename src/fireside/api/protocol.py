@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -347,8 +347,16 @@ class CompletionRequest(BaseModel):
         )
 
 
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """Parse and validate a request body; every failure is a 400 `APIError`."""
+    return parse_body(CompletionRequest, body)
+
+
+def parse_body(model: type[_Body], body: bytes) -> _Body:
+    """A JSON request body validated by `model`; every failure is a 400 `APIError`."""
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
@@ -359,7 +367,7 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     if not isinstance(data, dict):
         raise APIError.invalid("The request body must be a JSON object.", None, "invalid_type")
     try:
-        return CompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_errors(exc.errors(include_url=False)) from None
 

@@ -16,19 +16,17 @@ is served (or one model and its aliases).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
-from typing import Annotated, NotRequired, TypeVar
+from typing import Annotated, NotRequired
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict
 
-from fireside.api.errors import APIError, from_validation_errors
+from fireside.api.errors import APIError
 from fireside.api.prompts import TOKENIZE_IN_THREAD_CHARS
+from fireside.api.protocol import parse_body
 from fireside.api.scalars import Count, PositiveCount, TokenId
 from fireside.engine.client import EngineClient
-
-_Body = TypeVar("_Body", bound=BaseModel)
 
 # vLLM's TokenizerInfoResponse requires a class name; this one says what tokenizes.
 TOKENIZER_CLASS = "LlamaCppTokenizer"
@@ -135,7 +133,7 @@ class TokenizerService:
         return body
 
     async def tokenize(self, body: bytes) -> TokenizeResponse:
-        request = _parse(TokenizeRequest, body)
+        request = parse_body(TokenizeRequest, body)
         engine = self.engine(request.model)
         add_special = request.add_special_tokens is not False
         if len(request.prompt) > TOKENIZE_IN_THREAD_CHARS:
@@ -155,7 +153,7 @@ class TokenizerService:
         }
 
     def detokenize(self, body: bytes) -> DetokenizeResponse:
-        request = _parse(DetokenizeRequest, body)
+        request = parse_body(DetokenizeRequest, body)
         engine = self.engine(request.model)
         for position, token in enumerate(request.tokens):
             if token >= engine.vocab_size:
@@ -166,18 +164,3 @@ class TokenizerService:
                 )
         # Joining token bytes is fast at any length the body limit allows.
         return {"prompt": engine.detokenize(request.tokens, special=True)}
-
-
-def _parse(model: type[_Body], body: bytes) -> _Body:
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        raise APIError.invalid(
-            "The request body is not valid JSON.", None, "invalid_json"
-        ) from None
-    if not isinstance(data, dict):
-        raise APIError.invalid("The request body must be a JSON object.", None, "invalid_type")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_errors(exc.errors(include_url=False)) from None
