@@ -2,7 +2,5 @@
 # Install Fireside into .venv (idempotent) and serve the embedded model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e .
+./scripts/install.sh  # compiles llama.cpp on first install (~10 min on 2 cores)
 exec .venv/bin/fireside serve "$@"

@@ -3,10 +3,7 @@
 # formatting and types, then run the suite. Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-# llama-cpp-python compiles llama.cpp on first install (~10 min on 2 cores); pip caches the wheel.
-.venv/bin/pip install -q -e '.[test]'
+./scripts/install.sh test  # compiles llama.cpp on first install (~10 min on 2 cores)
 
 # Every check runs, so one run shows every problem; any failure fails the script
 # before the (much longer) test run.
