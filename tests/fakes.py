@@ -55,7 +55,11 @@ class FakeRunner:
         return logits
 
     def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
-        self.cells.pop(seq_id, None)
+        kept = {p for p in self.cells.get(seq_id, set()) if p < start or 0 <= end <= p}
+        if kept:
+            self.cells[seq_id] = kept
+        else:
+            self.cells.pop(seq_id, None)
 
     def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
         self.cells[dst] = {p for p in self.cells.get(src, set()) if start <= p < end}
@@ -67,6 +71,12 @@ class CellRunner:
     the sequence can see, so a fork of the wrong length or from the wrong sequence
     changes the output. With `ledger` set, every batch first checks that the
     scheduler's count of used cells equals the cells really used.
+
+    The logits put 10 on one token chosen by that hash (sampling at temperature 1
+    picks it 99.7% of the time); with `spread`, every token gets a hash-seeded normal
+    logit instead (a real distribution to sample from); with `copy_period` P, the
+    favoured token is the one the sequence saw P positions before the next one, so
+    outputs repeat their prompt and drafts that guess so are accepted.
     """
 
     vocab_size = 64
@@ -80,8 +90,10 @@ class CellRunner:
     def grammar_tokenizer(self) -> None:
         return None  # no constrained output
 
-    def __init__(self, n_ctx: int = 512) -> None:
+    def __init__(self, n_ctx: int = 512, spread: bool = False, copy_period: int = 0) -> None:
         self.n_ctx = n_ctx
+        self.spread = spread
+        self.copy_period = copy_period
         self.cells: list[tuple[int, int, set[int]] | None] = [None] * n_ctx  # pos, token, seqs
         self.ledger: KVLedger | None = None  # checked against our cells before every batch
 
@@ -122,7 +134,14 @@ class CellRunner:
                 assert [p for p, _ in seen] == list(range(pos + 1)), "a hole or a duplicate"
                 digest = hashlib.sha256(repr(seen).encode()).digest()
                 row = np.zeros(self.vocab_size, dtype=np.float32)
-                row[3 + digest[0] % 60] = 10.0
+                copied = pos + 1 - self.copy_period
+                if self.copy_period and copied >= 0 and seen[copied][1] >= 0:
+                    row[seen[copied][1]] = 10.0
+                elif self.spread:
+                    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+                    row[:] = rng.normal(0.0, 1.5, self.vocab_size)
+                else:
+                    row[3 + digest[0] % 60] = 10.0
                 rows.append(row)
         return np.array(rows, dtype=np.float32).reshape(len(rows), self.vocab_size)
 
@@ -161,5 +180,6 @@ def service_settings(**overrides: Any) -> dict[str, Any]:
         "max_waiting": served.max_waiting,
         "request_timeout_s": served.request_timeout,
         "include_stop_str_in_output": served.include_stop_str_in_output,
+        "isolate_cache_per_key": served.prompt_cache_isolation == "per-key",
     }
     return settings | overrides

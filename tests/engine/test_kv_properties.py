@@ -12,6 +12,11 @@ prefix cache, and the engine is stepped by hand. Whatever the sequence:
   0..num_computed-1 and each cache entry exactly its tokens' positions;
 - dropping the cache at the end leaves the runner empty and every slot free.
 
+Requests may carry a draft (speculative decoding: the family's continuation, or
+garbage) and `--speculate auto` may be on; a runner that copies what it saw a
+period ago makes drafts that are accepted, so accepted and rejected drafts, their
+truncated cells, the prefix cache and preemption all meet.
+
 Unit tests of the bookkeeping on a fake runner, not evidence about a model.
 """
 
@@ -40,8 +45,15 @@ class Driver:
     full_errors: int = 0
 
     @classmethod
-    def make(cls, n_ctx: int, cache_entries: int, max_running: int) -> Driver:
-        runner = CellRunner(n_ctx)
+    def make(
+        cls,
+        n_ctx: int,
+        cache_entries: int,
+        max_running: int,
+        copy_period: int = 0,
+        speculate_auto: bool = False,
+    ) -> Driver:
+        runner = CellRunner(n_ctx, copy_period=copy_period)
         engine = Engine(
             runner,
             engine_config(
@@ -49,6 +61,7 @@ class Driver:
                 token_budget=32,
                 cache_entries=cache_entries,
                 prefill_chunk=16,
+                speculate_auto=speculate_auto,
             ),
         )
         runner.ledger = engine.scheduler.ledger
@@ -71,9 +84,18 @@ class Driver:
         for _sink, out in outputs:
             self.outputs.setdefault(out.request_id, []).append(out)
 
-    def submit(self, rid: str, prompt: list[int], max_tokens: int, n: int, seed: int) -> None:
+    def submit(
+        self,
+        rid: str,
+        prompt: list[int],
+        max_tokens: int,
+        n: int,
+        seed: int,
+        speculation: tuple[int, ...] = (),
+    ) -> None:
         params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, n=n)
-        self.engine.core.submit(EngineRequest(rid, tuple(prompt), params), sink=None)
+        request = EngineRequest(rid, tuple(prompt), params, speculation=speculation)
+        self.engine.core.submit(request, sink=None)
         self.expected[rid] = min(max_tokens, self.engine.context_length - len(prompt))
 
     def live(self) -> list[str]:
@@ -107,6 +129,7 @@ ops = st.lists(
             st.integers(0, 5),  # own tail
             st.sampled_from([1, 4, 30, 100_000]),  # max_tokens: short, or fill the context
             st.sampled_from([1, 1, 1, 2, 3]),  # n
+            st.sampled_from(["none", "none", "family", "edited", "garbage"]),  # draft
         ),
         st.tuples(st.just("steps"), st.integers(1, 40)),
         st.tuples(st.just("abort"), st.integers(0, 10)),
@@ -121,18 +144,29 @@ ops = st.lists(
     n_ctx=st.sampled_from([48, 96, 256]),
     cache_entries=st.sampled_from([0, 1, 4]),
     max_running=st.sampled_from([1, 3, 8]),
+    copy_period=st.sampled_from([0, 20, 60]),
+    speculate_auto=st.booleans(),
     ops=ops,
 )
 def test_random_workloads_finish_and_the_ledger_matches_the_cells(
-    n_ctx, cache_entries, max_running, ops
+    n_ctx, cache_entries, max_running, copy_period, speculate_auto, ops
 ):
-    d = Driver.make(n_ctx, cache_entries, max_running)
+    d = Driver.make(n_ctx, cache_entries, max_running, copy_period, speculate_auto)
     for i, op in enumerate(ops):
         if op[0] == "submit":
-            _, family, shared, tail, max_tokens, n = op
+            _, family, shared, tail, max_tokens, n, draft = op
             head = max(1, int(shared * (n_ctx - 8)))
             prompt = (FAMILIES[family][:head] + [4 + i % 50] * tail)[: n_ctx - 1]
-            d.submit(f"r{i}", prompt, max_tokens, n, seed=i)
+            # What follows in the family: the output, where the runner copies period 60.
+            follows = FAMILIES[family][len(prompt) : len(prompt) + 40]
+            edits = [3 if j in (3, 17) else t for j, t in enumerate(follows)]  # rejected midway
+            speculation = {
+                "none": (),
+                "family": tuple(follows),
+                "edited": tuple(edits),
+                "garbage": tuple(3 + (13 * j + i) % 60 for j in range(30)),
+            }[draft]
+            d.submit(f"r{i}", prompt, max_tokens, n, seed=i, speculation=speculation)
         elif op[0] == "steps":
             for _ in range(op[1]):
                 d.step()

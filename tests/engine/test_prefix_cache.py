@@ -164,3 +164,55 @@ def test_ledger_counts_shared_prefixes_once():
 )
 def test_common_prefix(a, b, limit, want):
     assert common_prefix(a, b, limit) == want
+
+
+def run_keyed(engine: Engine, prompt: list[int], key: str | None, rid: str) -> tuple[list, int]:
+    """(token ids, cached tokens) of one request with an isolation key."""
+
+    async def main():
+        sp = SamplingParams(max_tokens=8, temperature=0)
+        tokens, cached = [], 0
+        request = EngineRequest(rid, tuple(prompt), sp, cache_isolation_key=key)
+        async for out in engine.generate(request):
+            assert out.error is None
+            cached = max(cached, out.num_cached_tokens)
+            tokens += [t for d in out.deltas for t in d.token_ids]
+        return tokens, cached
+
+    return asyncio.run(main())
+
+
+def test_isolation_keys_share_cached_kv_only_within_the_same_key():
+    engine, _ = make_engine()
+    try:
+        first, c_a = run_keyed(engine, PREFIX, "tenant-a", "a1")
+        other, c_b = run_keyed(engine, PREFIX, "tenant-b", "b1")
+        unkeyed, c_none = run_keyed(engine, PREFIX, None, "n1")
+        again, c_a2 = run_keyed(engine, PREFIX, "tenant-a", "a2")
+        b_again, c_b2 = run_keyed(engine, PREFIX, "tenant-b", "b2")
+    finally:
+        engine.shutdown()
+    assert (c_a, c_b, c_none) == (0, 0, 0)  # nobody sees another key's prefix
+    assert c_a2 == c_b2 == len(PREFIX) - 1  # the same key hits
+    assert first == other == unkeyed == again == b_again == reference([PREFIX])[0]
+
+
+def test_concurrent_requests_of_different_keys_do_not_fork_from_each_other():
+    engine, runner = make_engine(cache_entries=0)
+
+    async def main():
+        async def one(rid: str, key: str):
+            sp = SamplingParams(max_tokens=8, temperature=0)
+            cached = 0
+            request = EngineRequest(rid, tuple(PREFIX), sp, cache_isolation_key=key)
+            async for out in engine.generate(request):
+                cached = max(cached, out.num_cached_tokens)
+            return cached
+
+        return await asyncio.gather(*(one(f"r{i}", f"key-{i}") for i in range(3)))
+
+    try:
+        cached = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert cached == [0, 0, 0]

@@ -11,6 +11,7 @@ import pytest
 
 from fireside.engine.sampler import (
     History,
+    Mirostat,
     filtered_distribution,
     logprobs_of,
     process_row,
@@ -236,3 +237,116 @@ def test_extreme_but_valid_values_give_a_real_token_and_finite_scores(logits, pa
     assert np.isfinite(out.sampling_logprobs[0])
     if params.temperature < 1e-5 and not params.has_penalties:
         assert out.tokens[0] == int(np.argmax(logits))  # tiny temperature is greedy
+
+
+# --- Mirostat 2.0
+
+
+def reference_mirostat(
+    rows: np.ndarray, us: list[float], tau: float, eta: float, temperature: float
+) -> tuple[list[int], list[float], list[float]]:
+    """Mirostat 2.0 written out (llama.cpp's llama_sampler_mirostat_v2_apply): the
+    tokens, their probabilities under the truncated distribution, and mu after each."""
+    mu = 2 * tau
+    tokens, probs, mus = [], [], []
+    for row, u in zip(rows, us, strict=True):
+        p = softmax(row.astype(np.float64) / temperature)
+        keep = [t for t in range(p.size) if p[t] > 0 and -np.log2(p[t]) <= mu]
+        if not keep:
+            keep = [int(np.argmax(p))]
+        total = sum(p[t] for t in keep)
+        q = {t: p[t] / total for t in keep}
+        # Inverse CDF in token-id order, as the sampler draws.
+        acc, chosen = 0.0, keep[-1]
+        for t in keep:
+            acc += q[t]
+            if acc > u:
+                chosen = t
+                break
+        mu -= eta * (-np.log2(q[chosen]) - tau)
+        tokens.append(chosen)
+        probs.append(q[chosen])
+        mus.append(mu)
+    return tokens, probs, mus
+
+
+@pytest.mark.parametrize(("tau", "eta", "temperature"), [(3.0, 0.1, 1.0), (1.0, 0.5, 0.7)])
+def test_mirostat_matches_the_reference_step_by_step(tau, eta, temperature) -> None:
+    rows = np.random.default_rng(11).normal(0, 3, size=(200, V)).astype(np.float32)
+    params = SamplingParams(temperature=temperature, mirostat_target=tau, mirostat_lr=eta)
+    state = Mirostat.start(params)
+    assert state is not None and state.mu == 2 * tau
+    rng = np.random.default_rng(5)
+    tokens, logprobs, mus = [], [], []
+    for row in rows:
+        out = sample_rows(row[None].copy(), [params], [rng], None, [state])
+        tokens.append(out.tokens[0])
+        logprobs.append(out.sampling_logprobs[0])
+        mus.append(state.mu)
+    us = list(np.random.default_rng(5).random(len(rows)))  # one draw per step
+    want_tokens, want_probs, want_mus = reference_mirostat(rows, us, tau, eta, temperature)
+    assert tokens == want_tokens
+    np.testing.assert_allclose(np.exp(logprobs), want_probs, rtol=1e-9)
+    np.testing.assert_allclose(mus, want_mus, rtol=1e-9, atol=1e-9)
+
+
+def test_a_lower_mirostat_target_samples_less_surprising_tokens() -> None:
+    rows = np.random.default_rng(12).normal(0, 2, size=(400, V)).astype(np.float32)
+
+    def mean_raw_surprise(tau: float) -> float:
+        params = SamplingParams(mirostat_target=tau)
+        state, rng = Mirostat.start(params), np.random.default_rng(6)
+        total = 0.0
+        for row in rows:
+            token = sample_rows(row[None].copy(), [params], [rng], None, [state]).tokens[0]
+            total += -np.log2(softmax(row.astype(np.float64))[token])
+        return total / len(rows)
+
+    low, high = mean_raw_surprise(1.5), mean_raw_surprise(5.0)
+    assert low < high - 1.0, (low, high)
+
+
+def test_mirostat_applies_after_the_other_truncations_and_keeps_the_top_token(logits) -> None:
+    params = SamplingParams(top_k=5, mirostat_target=0.0, mirostat_lr=0.0)
+    state = Mirostat(mu=-1.0)  # no token is unsurprising enough: the most likely one stays
+    out = sample_rows(logits[None].copy(), [params], [np.random.default_rng(0)], None, [state])
+    assert out.tokens == [int(np.argmax(logits))]
+    assert out.sampling_logprobs == [0.0]
+    assert state.mu == -1.0  # eta 0: mu stays
+
+
+def test_mirostat_never_picks_a_masked_token(logits) -> None:
+    masked = logits.copy()
+    allowed = [3, 40, 41, 200]
+    masked[np.setdiff1d(np.arange(V), allowed)] = -np.inf  # a grammar mask, applied first
+    params = SamplingParams(mirostat_target=50.0)  # mu far above any finite surprise
+    state, rng = Mirostat.start(params), np.random.default_rng(1)
+    for _ in range(50):
+        out = sample_rows(masked[None].copy(), [params], [rng], None, [state])
+        assert out.tokens[0] in allowed and np.isfinite(out.sampling_logprobs[0])
+
+
+def test_greedy_ignores_mirostat_and_a_row_without_its_state_is_refused(logits) -> None:
+    greedy = SamplingParams(temperature=0.0, mirostat_target=2.0)
+    state = Mirostat.start(greedy)
+    out = sample_rows(logits[None].copy(), [greedy], [np.random.default_rng(0)], None, [state])
+    assert out.tokens == [int(np.argmax(logits))] and state is not None and state.mu == 4.0
+    with pytest.raises(ValueError, match="Mirostat state"):
+        sample_rows(
+            logits[None].copy(), [SamplingParams(mirostat_target=2.0)], [np.random.default_rng(0)]
+        )
+
+
+def test_a_mirostat_row_draws_the_same_whatever_else_is_in_the_batch(logits) -> None:
+    mine = SamplingParams(mirostat_target=3.0)
+    alone_state = Mirostat.start(mine)
+    alone = sample_rows(
+        logits[None].copy(), [mine], [np.random.default_rng(9)], None, [alone_state]
+    )
+    state = Mirostat.start(mine)
+    rows = np.stack([-logits, logits])
+    params = [SamplingParams(temperature=0.7), mine]
+    rngs = [np.random.default_rng(1), np.random.default_rng(9)]
+    mixed = sample_rows(rows, params, rngs, None, [None, state])
+    assert mixed.tokens[1] == alone.tokens[0]
+    assert state is not None and alone_state is not None and state.mu == alone_state.mu

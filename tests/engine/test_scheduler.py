@@ -50,11 +50,20 @@ class Harness:
         )
         self.requests: dict[str, Request] = {}
 
-    def submit(self, rid: str, tokens: list[int], max_tokens: int = 4, n: int = 1) -> Request:
+    def submit(
+        self,
+        rid: str,
+        tokens: list[int],
+        max_tokens: int = 4,
+        n: int = 1,
+        priority: bool = False,
+        isolation_key: str | None = None,
+    ) -> Request:
         params = SamplingParams(max_tokens=max_tokens, n=n)
-        request = Request.create(
-            EngineRequest(rid, tuple(tokens), params), None, len(self.requests)
+        engine_request = EngineRequest(
+            rid, tuple(tokens), params, priority=priority, cache_isolation_key=isolation_key
         )
+        request = Request.create(engine_request, None, len(self.requests))
         self.requests[rid] = request
         self.scheduler.add(request)
         return request
@@ -305,3 +314,91 @@ def test_no_room_after_all_evicts_a_cached_prefix_first_then_preempts_the_newest
     h.relieve()  # nothing cached any more: the newest sample goes
     assert h.scheduler.num_preempted == 1
     assert h.waiting == ["new"]
+
+
+# --- Service tiers
+
+
+def test_a_priority_request_waits_ahead_of_default_ones_in_arrival_order():
+    h = Harness(max_running=1)
+    h.submit("running", prompt(4), max_tokens=2)
+    h.step()
+    h.submit("d1", prompt(4, 200), max_tokens=1)
+    h.submit("p1", prompt(4, 300), max_tokens=1, priority=True)
+    h.submit("d2", prompt(4, 400), max_tokens=1)
+    h.submit("p2", prompt(4, 500), max_tokens=1, priority=True)
+    assert h.waiting == ["p1", "p2", "d1", "d2"]
+    assert h.step() == [("running", 0, 4, 1)]  # running work is not displaced
+    started = []
+    while h.scheduler.has_work():
+        started += [rid for rid, _, start, _ in h.step() if start == 0]
+    assert started == ["p1", "p2", "d1", "d2"]
+
+
+def test_a_preempted_sample_keeps_the_head_of_its_own_tier():
+    h = Harness(kv_capacity=64, token_budget=64)
+    h.submit("old", prompt(8), max_tokens=30)
+    h.submit("new", prompt(8, 200), max_tokens=30)
+    h.step()
+    h.submit("p", prompt(60, 300), max_tokens=1, priority=True)  # cannot fit yet
+    h.submit("d", prompt(4, 400), max_tokens=1)
+    while h.scheduler.num_preempted == 0:
+        h.step()
+    # The newest default sample was preempted: ahead of new default work, behind priority.
+    assert h.waiting == ["p", "new", "d"]
+
+
+def test_priority_samples_are_preempted_last():
+    h = Harness(kv_capacity=64, token_budget=64)
+    h.submit("old", prompt(8), max_tokens=30)
+    h.submit("vip", prompt(8, 200), max_tokens=30, priority=True)
+    h.step()
+    while h.scheduler.num_preempted == 0:
+        h.step()
+        assert h.scheduler.kv_used() <= 64
+    # Without a tier "vip", the newest, would go; the default sample goes instead.
+    assert h.waiting == ["old"]
+    assert [s.request.request_id for s in h.scheduler.running] == ["vip"]
+    h.run_until_idle()
+    assert [len(h.requests[r].samples[0].tokens) for r in ("old", "vip")] == [38, 38]
+
+
+def test_priority_prompts_are_chunked_first():
+    h = Harness(token_budget=8)
+    h.submit("d", prompt(20), max_tokens=1)
+    h.submit("p", prompt(20, 300), max_tokens=1, priority=True)
+    assert h.step() == [("p", 0, 0, 8)]  # admitted first, and its prompt goes first
+    h.step()
+    assert h.step() == [("p", 0, 16, 4), ("d", 0, 0, 4)]
+
+
+# --- Isolation keys
+
+
+def test_a_cached_prefix_is_shared_only_within_its_isolation_key():
+    h = Harness(cache_entries=4)
+    h.submit("a", prompt(20), max_tokens=2, isolation_key="tenant-a")
+    h.run_until_idle()
+    b = h.submit("b", prompt(20), isolation_key="tenant-b")
+    assert h.step() == [("b", 0, 0, 20)]  # computed in full: a's KV is not b's to see
+    assert b.num_cached == 0 and h.copies == []
+    h.run_until_idle()
+    none = h.submit("none", prompt(20))  # no key sees neither
+    assert h.step() == [("none", 0, 0, 20)] and none.num_cached == 0
+    h.run_until_idle()
+    a2 = h.submit("a2", prompt(20), isolation_key="tenant-a")
+    assert h.step() == [("a2", 0, 19, 1)]
+    assert a2.num_cached == 19
+    # Both keys keep their own entry of the same tokens.
+    keys = sorted(str(e.isolation_key) for e in h.scheduler.cache.entries)
+    assert keys == ["None", "tenant-a", "tenant-b"]
+
+
+def test_a_running_sample_is_a_prefix_source_only_within_its_isolation_key():
+    h = Harness(cache_entries=0)
+    h.submit("a", prompt(20), max_tokens=10, isolation_key="k1")
+    assert h.step() == [("a", 0, 0, 20)]
+    h.submit("other", prompt(12) + prompt(4, 500), isolation_key="k2")
+    h.submit("same", prompt(12) + prompt(4, 600), isolation_key="k1")
+    assert h.step() == [("a", 0, 20, 1), ("other", 0, 0, 16), ("same", 0, 12, 4)]
+    assert h.copies == [(h.slot_of("a"), h.slot_of("same"), 12)]

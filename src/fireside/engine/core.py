@@ -24,6 +24,7 @@ from enum import Enum
 from fireside.engine.grammar import Grammars
 from fireside.engine.request import OutputSink, Request
 from fireside.engine.scheduler import Chunk, Scheduler, SchedulerConfig
+from fireside.engine.speculation import Drafter, SpeculationConfig
 from fireside.engine.step import StepExecutor
 from fireside.engine.types import EngineRequest, EngineStats, FinishReason, RequestOutput
 from fireside.runner.base import Runner
@@ -51,9 +52,11 @@ class EngineCore:
         scheduler_config: SchedulerConfig,
         grammars: Grammars,
         publish: Publish,
+        speculation: SpeculationConfig,
     ) -> None:
         self.runner = runner
         self.grammars = grammars
+        self.speculation = speculation
         self.publish = publish
         self.stats = EngineStats(num_kv_cells_total=runner.n_ctx)
         self.scheduler = Scheduler(
@@ -175,6 +178,15 @@ class EngineCore:
         if params.grammar is not None:
             for s in request.samples:
                 s.matcher = self.grammars.matcher(params.grammar)
+        if request.speculation or self.speculation.auto:
+            for s in request.samples:
+                s.drafter = Drafter(
+                    request.speculation,
+                    request.num_prompt,
+                    params.max_tokens,
+                    self.executor.context_length,
+                    self.speculation,
+                )
         self._requests[request.request_id] = request
         self.scheduler.add(request)
 

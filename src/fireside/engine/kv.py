@@ -11,7 +11,9 @@ furthest end any holder reaches.
 The prefix cache keeps the KV of finished sequences under their own sequence
 ids (LRU, bounded), so a later prompt with the same prefix forks it instead of
 computing it again. Running sequences are searched too, by the scheduler, so
-requests that arrive together with a shared prefix compute it once.
+requests that arrive together with a shared prefix compute it once. Every entry
+carries its request's isolation key, and a lookup sees only the entries of its
+own key (`cached_tokens` would otherwise tell one tenant what another sent).
 """
 
 from __future__ import annotations
@@ -96,11 +98,18 @@ class KVLedger:
                 seg.ends[holder] = min(seg.ends[holder], length)
                 kept.append(seg)
             self.used -= before - seg.cells
+        # Cells it computes from now on start a new segment if others may still reach
+        # past `length` in the old one, with other tokens than the ones it will add.
+        # A segment it computed and holds alone goes on growing (a rejected draft is
+        # truncated every step: a segment each time would make every count slower).
+        h.owns_last = (
+            h.owns_last
+            and bool(kept)
+            and kept[-1] is h.segments[-1]
+            and kept[-1].ends.keys() == {holder}
+        )
         h.segments = kept
         h.end = length
-        # Cells it computes from now on start a new segment: others may still reach
-        # past `length` in the old one, with other tokens than the ones it will add.
-        h.owns_last = False
 
     def cells_of(self, holders: set[int]) -> int:
         """Cells in use by these holders (shared ones counted once)."""
@@ -130,6 +139,7 @@ class CacheEntry:
     slot: int  # the llama.cpp sequence id that keeps the cells
     tokens: tuple[int, ...]  # the tokens whose KV it holds, from position 0
     last_used: int = 0
+    isolation_key: str | None = None  # only requests with the same key may use it
 
 
 class PrefixCache:
@@ -142,11 +152,16 @@ class PrefixCache:
         self.hits = 0
         self.hit_tokens = 0
 
-    def lookup(self, tokens: list[int], limit: int) -> tuple[CacheEntry | None, int]:
-        """The entry sharing the longest prefix with `tokens`, up to `limit` tokens."""
+    def lookup(
+        self, tokens: list[int], limit: int, isolation_key: str | None
+    ) -> tuple[CacheEntry | None, int]:
+        """The entry of this isolation key sharing the longest prefix with `tokens`, up
+        to `limit` tokens."""
         best: CacheEntry | None = None
         best_len = 0
         for entry in self.entries:
+            if entry.isolation_key != isolation_key:
+                continue
             n = common_prefix(entry.tokens, tokens, limit)
             if n > best_len:
                 best, best_len = entry, n
@@ -158,23 +173,30 @@ class PrefixCache:
         self.hits += 1
         self.hit_tokens += num_tokens
 
-    def covers(self, tokens: tuple[int, ...]) -> bool:
-        """Some entry already holds all of these tokens (as its prefix)."""
+    def covers(self, tokens: tuple[int, ...], isolation_key: str | None) -> bool:
+        """Some entry of this isolation key already holds all of these tokens (as its
+        prefix)."""
         return any(
-            common_prefix(e.tokens, tokens, len(tokens)) == len(tokens) for e in self.entries
+            e.isolation_key == isolation_key
+            and common_prefix(e.tokens, tokens, len(tokens)) == len(tokens)
+            for e in self.entries
         )
 
-    def add(self, slot: int, tokens: tuple[int, ...]) -> list[CacheEntry]:
-        """Keep a sequence's KV; returns the entries it makes redundant (now removed)."""
+    def add(
+        self, slot: int, tokens: tuple[int, ...], isolation_key: str | None
+    ) -> list[CacheEntry]:
+        """Keep a sequence's KV; returns the entries of the same isolation key it makes
+        redundant (now removed)."""
         self._clock += 1
         redundant = [
             e
             for e in self.entries
-            if common_prefix(e.tokens, tokens, len(e.tokens)) == len(e.tokens)
+            if e.isolation_key == isolation_key
+            and common_prefix(e.tokens, tokens, len(e.tokens)) == len(e.tokens)
         ]
         for e in redundant:
             self.entries.remove(e)
-        self.entries.append(CacheEntry(slot, tokens, self._clock))
+        self.entries.append(CacheEntry(slot, tokens, self._clock, isolation_key))
         return redundant
 
     def pop_lru(self) -> CacheEntry | None:

@@ -3,8 +3,10 @@
 `KVCache` hands out llama.cpp sequence ids (slots), keeps the exact count of
 cells in use (`kv.KVLedger`), and decides what stays in the prefix cache when a
 sample finishes: its KV stays under its own sequence id, bounded by entries
-and by idle cells, least recently used first out. It calls the runner through
-two callbacks only, `release` and `copy`, so it runs without a model in tests.
+and by idle cells, least recently used first out. A prefix is shared only
+between requests with the same isolation key (None matches only None). It calls
+the runner through two callbacks only, `release` and `copy`, so it runs without
+a model in tests.
 """
 
 from __future__ import annotations
@@ -56,18 +58,32 @@ class KVCache:
         """The slot computed `count` more cells, after those it has."""
         self.ledger.grow(slot, count)
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Remove the slot's cells at positions >= length (a rejected draft's)."""
+        if self.ledger.end(slot) > length:
+            self._release(slot, length)
+            self.ledger.truncate(slot, length)
+
     def fork(self, src: int, dst: int, length: int) -> None:
         """The empty slot dst shares src's first `length` cells."""
         self._copy(src, dst, length)
         self.ledger.fork(src, dst, length)
 
-    def free(self, slot: int, tokens: Sequence[int], num_prompt: int, running: set[int]) -> None:
-        """A finished sample gives its slot back; its KV stays cached if worth it.
+    def free(
+        self,
+        slot: int,
+        tokens: Sequence[int],
+        num_prompt: int,
+        running: set[int],
+        isolation_key: str | None,
+    ) -> None:
+        """A finished sample gives its slot back; its KV stays cached if worth it, for
+        requests with the same `isolation_key`.
 
         `running` is the slots still in use by running samples: cells they reach
         are not idle.
         """
-        if not self._cache(slot, tokens, num_prompt, running):
+        if not self._cache(slot, tokens, num_prompt, running, isolation_key):
             self.drop(slot)
 
     def drop(self, slot: int) -> None:
@@ -97,15 +113,19 @@ class KVCache:
         limit: int,
         running: Sequence[Sample],
         spans: Sequence[ImageSpan],
+        isolation_key: str | None,
     ) -> PrefixHit | None:
-        """The longest computed prefix of `tokens` (at most `limit`) held anywhere: in
-        the prefix cache or in a running sample. None if too short to be worth forking.
+        """The longest computed prefix of `tokens` (at most `limit`) held anywhere that
+        `isolation_key` may see: in its prefix-cache entries or in a running sample of
+        a request with the same key. None if too short to be worth forking.
 
         A hit never ends inside one of the prompt's images (`spans`).
         """
-        entry, best = self.prefix_cache.lookup(tokens, limit)
+        entry, best = self.prefix_cache.lookup(tokens, limit, isolation_key)
         src = entry.slot if entry is not None else -1
         for s in running:
+            if s.request.cache_isolation_key != isolation_key:
+                continue
             n = common_prefix(s.tokens, tokens, min(s.num_computed, limit))
             if n > best:
                 src, best, entry = s.seq_id, n, None
@@ -120,7 +140,14 @@ class KVCache:
         """The entry's first `num_tokens` were just reused."""
         self.prefix_cache.touch(entry, num_tokens)
 
-    def _cache(self, slot: int, tokens: Sequence[int], num_prompt: int, running: set[int]) -> bool:
+    def _cache(
+        self,
+        slot: int,
+        tokens: Sequence[int],
+        num_prompt: int,
+        running: set[int],
+        isolation_key: str | None,
+    ) -> bool:
         """Keep a finished sample's KV in the prefix cache; False if not worth it.
 
         The cache is bounded by entries and by idle cells (cells no running
@@ -135,9 +162,9 @@ class KVCache:
             return False
         kept = tuple(tokens[:length])
         # The other samples of an n > 1 request share this prompt: one entry is enough.
-        if cache.covers(kept[: min(length, num_prompt)]):
+        if cache.covers(kept[: min(length, num_prompt)], isolation_key):
             return False
-        for redundant in cache.add(slot, kept):
+        for redundant in cache.add(slot, kept, isolation_key):
             self.drop(redundant.slot)
         entry = cache.entries[-1]
         while len(cache.entries) > cache.max_entries or (

@@ -19,12 +19,15 @@ import numpy as np
 import numpy.typing as npt
 
 from fireside.engine.detokenizer import Detokenizer
+from fireside.engine.sampler import Mirostat
+from fireside.engine.speculation import Drafter
 from fireside.engine.types import (
     EngineRequest,
     FinishReason,
     RequestOutput,
     SampleDelta,
     SamplingParams,
+    SpeculationCounts,
     TokenLogprob,
 )
 from fireside.runner.base import ImageSpan, MediaPrompt
@@ -61,6 +64,8 @@ class Sample:
     new_token_ids: list[int] = field(default_factory=list)  # since the last delta
     new_logprobs: list[TokenLogprob] = field(default_factory=list)  # the same tokens' scores
     matcher: llguidance.LLMatcher | None = None  # when the output is constrained
+    mirostat: Mirostat | None = None  # its own mu, when the request asks for Mirostat
+    drafter: Drafter | None = None  # its guesses of the next tokens (speculative decoding)
 
     @property
     def seq_id(self) -> int:
@@ -97,6 +102,9 @@ class Request:
     media: MediaPrompt | None  # the prompt's images, freed when the request retires
     sink: OutputSink
     arrival: int  # admission order
+    priority: bool = False  # service_tier "priority": admitted first, preempted last
+    cache_isolation_key: str | None = None  # shares cached KV only with the same key
+    speculation: tuple[int, ...] = ()  # the output the caller expects (its samples' drafts)
     samples: list[Sample] = field(default_factory=list)
     forked: bool = False  # the prompt has been computed and shared with every sample
     num_cached: int = 0  # prompt tokens found already computed (prefix cache) at admission
@@ -116,6 +124,9 @@ class Request:
             media=request.media,
             sink=sink,
             arrival=arrival,
+            priority=request.priority,
+            cache_isolation_key=request.cache_isolation_key,
+            speculation=request.speculation,
         )
         params = request.params
         # Sample j of a seeded request draws from (seed, j): reproducible and
@@ -129,6 +140,7 @@ class Request:
                     tokens=list(request.prompt_token_ids),
                     rng=np.random.default_rng([seed & (2**64 - 1), j]),
                     detok=Detokenizer(params.stop, params.include_stop_str_in_output),
+                    mirostat=Mirostat.start(params),
                 )
             )
         return self
@@ -190,6 +202,19 @@ class Request:
             num_cached_tokens=self.num_cached,
             prompt_logprobs=prompt_logprobs,
             finished=self.is_finished,
+            speculation=self.speculation_counts(),
+        )
+
+    def speculation_counts(self) -> SpeculationCounts | None:
+        """Its samples' speculative decoding so far, summed; None if none speculates."""
+        counts = [s.drafter.counts for s in self.samples if s.drafter is not None]
+        if not counts:
+            return None
+        return SpeculationCounts(
+            prediction_tokens=sum(c.prediction_tokens for c in counts),
+            prediction_matched=sum(c.prediction_matched for c in counts),
+            draft_tokens=sum(c.draft_tokens for c in counts),
+            accepted_tokens=sum(c.accepted_tokens for c in counts),
         )
 
     def close_media(self) -> None:

@@ -2,7 +2,10 @@
 
 The pipeline for one row is: logit_bias, then penalties (repetition,
 frequency, presence), then temperature, then the truncations in the order
-Hugging Face applies them (top_k, top_p, min_p, typical_p), then one draw.
+Hugging Face applies them (top_k, top_p, min_p, typical_p), then Mirostat 2.0
+when asked for, then one draw. (llama.cpp's own sampler chain also puts
+temperature before Mirostat, but skips the other truncations under Mirostat;
+here a request gets every one it asked for.)
 
 Each path costs only what it uses. Greedy rows are one vectorised arg-max;
 rows with plain temperature share one vectorised softmax and cumulative sum;
@@ -16,6 +19,7 @@ Logprobs are computed from the raw rows (`logprobs_of`), before any of this.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +46,39 @@ class History:
 
 
 @dataclass
+class Mirostat:
+    """One sample's Mirostat 2.0 state (Basu et al. 2021; llama.cpp's mirostat_v2).
+
+    Each draw keeps the tokens whose surprise, -log2 p, is at most `mu` (at least
+    the most likely one), renormalises, draws, then moves `mu` by the error of the
+    chosen token's surprise against the target tau: `mu -= eta * (observed - tau)`.
+    As in llama.cpp, `observed` is measured under the renormalised distribution,
+    the one actually drawn from.
+    """
+
+    mu: float  # bits
+
+    @classmethod
+    def start(cls, params: SamplingParams) -> Mirostat | None:
+        """The state for a new sample: mu = 2 tau; None when Mirostat is off."""
+        target = params.mirostat_target
+        return None if target is None else cls(2.0 * target)
+
+    def keep(self, probs: np.ndarray) -> np.ndarray:
+        """Indices of the tokens whose surprise is at most mu, in index order."""
+        with np.errstate(divide="ignore"):
+            surprise = -np.log2(probs)
+        keep = np.flatnonzero(surprise <= self.mu)
+        return keep if keep.size else np.array([int(np.argmax(probs))])
+
+    def update(self, prob: float, params: SamplingParams) -> None:
+        """After drawing a token of probability `prob` (renormalised, so > 0)."""
+        target = params.mirostat_target
+        if target is not None:
+            self.mu -= params.mirostat_lr * (-math.log2(prob) - target)
+
+
+@dataclass
 class Sampled:
     tokens: list[int]
     # log-probability of each token under the distribution it was drawn from
@@ -54,9 +91,18 @@ def sample_rows(
     params: Sequence[SamplingParams],
     rngs: Sequence[np.random.Generator],
     histories: Sequence[History | None] | None = None,
+    mirostat: Sequence[Mirostat | None] | None = None,
 ) -> Sampled:
-    """One token per row of `logits` ([rows, vocab] float32, modified in place)."""
+    """One token per row of `logits` ([rows, vocab] float32, modified in place).
+
+    Rows with `mirostat_target` need their sample's `Mirostat` state in
+    `mirostat`, which each draw updates (greedy rows leave it alone).
+    """
     num_rows = len(params)
+    states = list(mirostat) if mirostat is not None else [None] * num_rows
+    for p, state in zip(params, states, strict=True):
+        if p.mirostat_target is not None and state is None and not p.is_greedy:
+            raise ValueError("a Mirostat row needs its sample's Mirostat state")
     tokens = [0] * num_rows
     sampling_logprobs = [0.0] * num_rows
     for i, p in enumerate(params):
@@ -71,7 +117,11 @@ def sample_rows(
         for i, t in zip(greedy, np.argmax(logits[greedy], axis=1), strict=True):
             tokens[i] = int(t)
 
-    plain = [i for i, p in enumerate(params) if not p.is_greedy and not p.truncates]
+    plain = [
+        i
+        for i, p in enumerate(params)
+        if not p.is_greedy and not p.truncates and p.mirostat_target is None
+    ]
     if plain:
         temps = np.array([params[i].temperature for i in plain], dtype=np.float32)
         x = logits[plain] / temps[:, None]
@@ -82,11 +132,19 @@ def sample_rows(
             tokens[i], sampling_logprobs[i] = picks[r]
 
     for i, p in enumerate(params):
-        if not p.is_greedy and p.truncates:
-            probs, ids = filtered_distribution(logits[i], p)
-            j = _draw(np.cumsum(probs), rngs[i].random())
-            tokens[i] = int(ids[j]) if ids is not None else j
-            sampling_logprobs[i] = float(np.log(probs[j]))
+        if p.is_greedy or not (p.truncates or p.mirostat_target is not None):
+            continue
+        probs, ids = filtered_distribution(logits[i], p)
+        state = states[i]
+        if state is not None:  # the last cut, on what the others left
+            keep = state.keep(probs)
+            probs = probs[keep] / probs[keep].sum()
+            ids = keep if ids is None else ids[keep]
+        j = _draw(np.cumsum(probs), rngs[i].random())
+        tokens[i] = int(ids[j]) if ids is not None else j
+        sampling_logprobs[i] = float(np.log(probs[j]))
+        if state is not None:
+            state.update(float(probs[j]), p)
     return Sampled(tokens, sampling_logprobs)
 
 

@@ -13,7 +13,13 @@ unified cache shares cells instead of copying them. KV cells are counted
 exactly (`kv_cache.KVCache`), so llama.cpp never runs out: when room is short,
 cached entries go first (least recently used), then the newest sample is
 preempted (its cells dropped, its tokens recomputed later) instead of failing
-anyone.
+anyone. Priority requests (`service_tier: "priority"`) wait ahead of all others
+and are preempted only when no other sample could be; prefixes are shared only
+between requests with the same isolation key (kv_cache.py).
+
+A decoding sample with a `Drafter` (speculation.py) may add guessed tokens to
+its decode chunk (`Chunk.draft`), within the token budget and the free cells;
+`postprocess` keeps the cells of those the step accepted and removes the rest.
 
 The engine calls `schedule()` for a step's chunks and, once they ran,
 `postprocess()` with what they did; a request leaves through `remove()`.
@@ -70,6 +76,9 @@ class Chunk:
     start: int  # position of the first token
     count: int
     image: ImageSpan | None = None  # an image computed whole, instead of tokens
+    # Guessed tokens after the sample's last one, computed too and checked by sampling
+    # (speculation.py); the step keeps the cells of those it accepts.
+    draft: tuple[int, ...] = ()
 
     @property
     def reaches_end(self) -> bool:
@@ -107,7 +116,7 @@ class Scheduler:
             release=release,
             copy=copy,
         )
-        self.waiting: deque[Waiting] = deque()  # oldest first
+        self.waiting: deque[Waiting] = deque()  # priority tier first, then oldest first
         self.running: list[Sample] = []  # samples holding a slot
         self.num_preempted = 0
         self.queried_tokens = 0  # prompt tokens of admitted requests
@@ -117,7 +126,7 @@ class Scheduler:
     # -- the engine's calls ------------------------------------------------
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self._enqueue(request, preempted=False)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -130,8 +139,14 @@ class Scheduler:
         first, so what it leaves in the prefix cache is the same as for any other.
         """
         for chunk in update.chunks:
-            chunk.sample.num_computed += chunk.count
-            self.kv.grow(chunk.sample.seq_id, chunk.count)
+            sample = chunk.sample
+            sample.num_computed += chunk.count
+            self.kv.grow(sample.seq_id, chunk.count + len(chunk.draft))
+            if chunk.draft:
+                # The accepted draft tokens' cells stay (all but the newest token are
+                # computed, as after any step); the rejected ones' go.
+                sample.num_computed = len(sample.tokens) - 1
+                self.kv.truncate(sample.seq_id, sample.num_computed)
         for request in update.shared:
             first = request.samples[0]
             for s in request.samples[1:]:
@@ -185,7 +200,8 @@ class Scheduler:
             self.running.remove(sample)
             if keep_kv:
                 running = {s.seq_id for s in self.running}
-                self.kv.free(slot, sample.tokens, sample.num_prompt, running)
+                key = sample.request.cache_isolation_key
+                self.kv.free(slot, sample.tokens, sample.num_prompt, running, key)
             else:
                 self.kv.drop(slot)
         sample.num_computed = 0
@@ -240,6 +256,7 @@ class Scheduler:
             chunks.append(Chunk(s, s.num_computed, 1))
         budget -= len(chunks)
         self._pending = len(chunks)
+        budget -= self._add_drafts(chunks, budget)
         if chunks:
             budget = min(budget, self.config.prefill_chunk)
 
@@ -275,7 +292,7 @@ class Scheduler:
                 budget -= n
                 self._pending += n
 
-        prefilling.sort(key=lambda s: (s.request.arrival, s.index))
+        prefilling.sort(key=lambda s: (not s.request.priority, s.request.arrival, s.index))
         for s in prefilling:
             add_prompt_chunk(s)
         while self.waiting and budget > 0:
@@ -290,13 +307,43 @@ class Scheduler:
                 add_prompt_chunk(s)
         return chunks
 
+    def _add_drafts(self, chunks: list[Chunk], budget: int) -> int:
+        """Let decoding samples that guess their next tokens check them in this step
+        (speculation.py), within the token budget and the free cells (never evicting
+        for them: their cells are gone again by the end of the step). Returns the
+        tokens added."""
+        room = min(budget, self._free_cells())
+        added = 0
+        for c in chunks:
+            drafter = c.sample.drafter
+            if drafter is None or room <= added:
+                continue
+            c.draft = drafter.propose(c.sample.tokens, room - added, len(self.running))
+            added += len(c.draft)
+        self._pending += added
+        return added
+
     @staticmethod
     def _is_active(s: Sample) -> bool:
         # Before the fork only sample 0 computes the prompt; the others wait for it.
         return not s.is_finished and (s.request.forked or s.index == 0)
 
     def _newest(self, samples: list[Sample]) -> Sample:
-        return max(samples, key=lambda s: (s.request.arrival, s.index))
+        """The one to preempt: the newest, of the default tier while there is one."""
+        return max(samples, key=lambda s: (not s.request.priority, s.request.arrival, s.index))
+
+    def _enqueue(self, work: Waiting, preempted: bool) -> None:
+        """Waiting work is in two tiers, priority first; within a tier, preempted work
+        comes first (it has waited already), then new requests in arrival order."""
+        is_priority = _request_of(work).priority
+        num_priority = next(
+            (i for i, w in enumerate(self.waiting) if not _request_of(w).priority),
+            len(self.waiting),
+        )
+        if is_priority:
+            self.waiting.insert(0 if preempted else num_priority, work)
+        else:
+            self.waiting.insert(num_priority if preempted else len(self.waiting), work)
 
     # -- admission ---------------------------------------------------------
 
@@ -318,7 +365,9 @@ class Scheduler:
             limit = min(limit, request.params.prompt_cache_max_len)
         if limit < self.config.min_cache_hit:
             return None
-        return self.kv.find_prefix(sample.tokens, limit, self.running, request.spans)
+        return self.kv.find_prefix(
+            sample.tokens, limit, self.running, request.spans, request.cache_isolation_key
+        )
 
     def _may_start(self, work: Waiting) -> bool:
         """Whether running-sample limits let the work start at all this step."""
@@ -372,7 +421,11 @@ class Scheduler:
             # The prompt was not shared yet: the whole request starts over.
             for s in request.samples:
                 self._free(s, keep_kv=False)
-            self.waiting.appendleft(request)
+            self._enqueue(request, preempted=True)
             return
         self._free(sample, keep_kv=False)
-        self.waiting.appendleft(sample)
+        self._enqueue(sample, preempted=True)
+
+
+def _request_of(work: Waiting) -> Request:
+    return work.request if isinstance(work, Sample) else work

@@ -9,9 +9,10 @@ logits to tokens and outputs.
 - `forward`: one `Runner.forward` over the batch, then each image encoded and
   decoded into its sample, as one logits array;
 - `postprocess`: prompt scores, the fork of finished prompts to all samples,
-  sampling (grammar masks, penalties, logprobs), stop checks, and each
-  request's output. It changes no scheduler state: it returns the
-  `StepUpdate` that the engine hands to `Scheduler.postprocess`.
+  sampling (grammar masks, penalties, logprobs), stop checks, drafts checked
+  position by position (`_verify`), and each request's output. It changes no
+  scheduler state: it returns the `StepUpdate` that the engine hands to
+  `Scheduler.postprocess`.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ class StepExecutor:
                 batch.want_logits[-1] = True
                 plan.to_sample.append((c, plan.num_rows))
                 plan.num_rows += 1
+                # A draft follows its sample's last token, with logits at every position:
+                # row i picks the token after the draft's first i tokens.
+                for i, token in enumerate(c.draft):
+                    batch.add(token, end + i, sample.seq_id, True)
+                plan.num_rows += len(c.draft)
         return plan
 
     # -- forward -----------------------------------------------------------
@@ -164,15 +170,53 @@ class StepExecutor:
                 rows.append(row)
         if samples:
             self._sample(logits[rows], samples)
+            drafts = [(c.sample, c.draft, row) for c, row in plan.to_sample if c.draft]
+            num_sampled = len(samples) + self._verify(logits, drafts)
             for s in samples:
                 with_output[id(s.request)] = s.request
                 if s.is_finished:
                     update.finished.append(s)
-            self.stats.generated_tokens_total += len(samples)
+            self.stats.generated_tokens_total += num_sampled
 
         outputs = [(r, r.pop_output()) for r in with_output.values()]
         finished = [r for r in with_output.values() if r.is_finished]
         return StepResult(update, outputs, finished)
+
+    def _verify(self, logits: Logits, drafts: list[tuple[Sample, tuple[int, ...], int]]) -> int:
+        """Accept each draft as far as sampling agrees with it; returns the tokens sampled.
+
+        Each (sample, draft, row) has sampled its first token from `row` already. While
+        the token just sampled equals the draft's token at that place (and the sample
+        goes on), the next one is sampled from the next row: the logits after that
+        draft token. Position by position, exactly as without a draft: one draw of the
+        sample's generator each, penalties over the tokens accepted so far, the grammar
+        matcher fed only accepted tokens, stop strings, EOS and max_tokens checked in
+        order (nothing after a stop is kept). What is rejected is never appended, so
+        there is nothing to roll back but its cells (`Scheduler.postprocess`).
+        """
+        accepted = [0] * len(drafts)
+        live = list(range(len(drafts)))
+        num_sampled = 0
+        while live:
+            matched = []
+            for i in live:
+                sample, draft, _ = drafts[i]
+                at = accepted[i]
+                if at < len(draft) and sample.tokens[-1] == draft[at]:
+                    accepted[i] = at + 1
+                    if not sample.is_finished:
+                        matched.append(i)
+            live = matched
+            if live:
+                rows = [drafts[i][2] + accepted[i] for i in live]
+                self._sample(logits[rows], [drafts[i][0] for i in live])
+                num_sampled += len(live)
+        for (sample, draft, _), num in zip(drafts, accepted, strict=True):
+            if sample.drafter is not None:
+                sample.drafter.verified(len(draft), num)
+            self.stats.spec_draft_tokens_total += len(draft)
+            self.stats.spec_accepted_tokens_total += num
+        return num_sampled
 
     def _sample(self, rows: Logits, samples: list[Sample]) -> None:
         """Choose each sample's next token from its logits row (a copy we may change)."""
@@ -191,7 +235,9 @@ class StepExecutor:
             masked = rows[indices]
             self.grammars.mask(masked, [m for _, m in constrained])
             rows[indices] = masked
-        sampled = sample_rows(rows, params, [s.rng for s in samples], histories)
+        sampled = sample_rows(
+            rows, params, [s.rng for s in samples], histories, [s.mirostat for s in samples]
+        )
         if raw is not None:
             num_top = max(params[i].logprobs or 0 for i in want_lp)
             targets = [sampled.tokens[i] for i in want_lp]

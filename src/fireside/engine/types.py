@@ -59,6 +59,9 @@ class SamplingParams:
     prompt_logprobs_start: int = 0  # first prompt position scored (echo_last)
     grammar: str | None = None  # compiled by EngineClient.compile_grammar; None: free text
     prompt_cache_max_len: int | None = None  # longest cached prefix to reuse; 0: none
+    # Mirostat 2.0 (sampler.py): the target surprise tau, in bits; None: off.
+    mirostat_target: float | None = None
+    mirostat_lr: float = 0.1  # eta, mu's learning rate (llama.cpp's default)
 
     @property
     def is_greedy(self) -> bool:
@@ -105,6 +108,14 @@ class EngineRequest:
     prompt_token_ids: tuple[int, ...]  # image positions hold negative placeholder ids
     params: SamplingParams
     media: MediaPrompt | None = None  # the prompt's images (EngineClient.tokenize_media)
+    # Draft token ids of the output the caller expects (`speculation`, `prediction`),
+    # already checked against the vocabulary; () for none.
+    speculation: tuple[int, ...] = ()
+    # Prefix-cache hits (cached entries and running samples) only between requests
+    # with the same key; None matches None only.
+    cache_isolation_key: str | None = None
+    cache_key: str | None = None  # `prompt_cache_key`: the affinity a cluster router routes on
+    priority: bool = False  # service_tier "priority": admitted before others, preempted last
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,17 @@ class SampleDelta:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token id, when asked for
+
+
+@dataclass(frozen=True)
+class SpeculationCounts:
+    """A request's speculative decoding so far (engine/speculation.py), summed over its
+    samples: each sample is given the prediction, and drafts and checks on its own."""
+
+    prediction_tokens: int = 0  # tokens of `speculation` given (perf: speculation-prompt-tokens)
+    prediction_matched: int = 0  # of those, accepted (speculation-prompt-matched-tokens)
+    draft_tokens: int = 0  # draft tokens checked, prediction and prompt lookup alike
+    accepted_tokens: int = 0  # of those, accepted into the output
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,8 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     finished: bool = False  # every sample has finished; nothing more will come
     error: str | None = None  # the engine failed this request; finished is True
+    # The request's totals so far (each output repeats them); None: it never speculated.
+    speculation: SpeculationCounts | None = None
 
 
 @dataclass
@@ -150,4 +174,6 @@ class EngineStats:
     prefix_cache_hits_total: int = 0  # of those, found already computed
     grammar_masks_total: int = 0  # token masks computed for constrained sequences
     grammar_mask_seconds_total: float = 0.0  # time spent computing and applying them
+    spec_draft_tokens_total: int = 0  # draft tokens checked (speculative decoding)
+    spec_accepted_tokens_total: int = 0  # of those, accepted into outputs
     extra: dict[str, float] = field(default_factory=dict)
