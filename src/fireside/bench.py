@@ -66,8 +66,12 @@ class Workload:
     temperature: float = 0.0
     seed: int = 0  # of the prompt text
     extra: dict[str, Any] = field(default_factory=dict)  # more request fields (logprobs...)
+    chat: bool = False  # each prompt as one user message to /v1/chat/completions
+    texts: tuple[str, ...] = ()  # the prompts themselves, instead of generated ones
 
     def prompts(self) -> list[str]:
+        if self.texts:
+            return list(self.texts)
         rng = random.Random(self.seed)
         prefix = " ".join(rng.choice(_WORDS) for _ in range(self.shared_prefix_tokens))
         out = []
@@ -135,9 +139,8 @@ def _percentiles(values: Sequence[float]) -> dict[str, float]:
 
 
 async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) -> _Result:
-    body = {
+    body: dict[str, Any] = {
         "model": model,
-        "prompt": prompt,
         "max_tokens": w.output_tokens,
         "temperature": w.temperature,
         "ignore_eos": w.ignore_eos,
@@ -146,12 +149,17 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) 
         "stream_options": {"include_usage": True},
         **w.extra,
     }
+    if w.chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    path = "/v1/chat/completions" if w.chat else "/v1/completions"
     result = _Result()
     started = time.perf_counter()
     last = None
     events = 0
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
@@ -163,7 +171,7 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) 
                 if usage:
                     result.completion_tokens = usage.get("completion_tokens", 0)
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
-                if any(c.get("text") for c in event.get("choices") or ()):
+                if any(_text_of(c) for c in event.get("choices") or ()):
                     now = time.perf_counter()
                     events += 1
                     if last is None:
@@ -177,6 +185,13 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) 
     if not result.completion_tokens:  # no usage in the stream: one event per token
         result.completion_tokens = events
     return result
+
+
+def _text_of(choice: dict[str, Any]) -> str:
+    """A streamed choice's new text: a completion's `text`, a chat delta's `content`."""
+    if "delta" in choice:
+        return str(choice["delta"].get("content") or "")
+    return str(choice.get("text") or "")
 
 
 async def run(url: str, model: str, w: Workload, api_key: str | None = None) -> Report:
@@ -257,6 +272,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="constrain the output to a JSON schema (response_format, STORY_SCHEMA)",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message to /v1/chat/completions",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
@@ -281,6 +301,7 @@ def main(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
         extra=extra,
+        chat=args.chat,
     )
     report = asyncio.run(run(args.url, args.model, w, args.api_key))
     summary = report.summary()

@@ -96,11 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         parser.error("; ".join(problems))
     logs.configure(config.log_level)
+    from fireside.api.chat_template import ChatTemplateError
     from fireside.runner.base import LoadError
     from fireside.server import serve  # heavy imports only once arguments are fine
 
     try:
         return serve(config)
-    except LoadError as exc:
+    except (LoadError, ChatTemplateError) as exc:
         log.error("%s", exc)
         return 1

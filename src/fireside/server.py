@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from fireside import logs
 from fireside.api import CompletionService, ModelInfo, create_app
+from fireside.api.chat_template import ChatTemplate, load_chat_template
 from fireside.api.protocol import MAX_N
 from fireside.api.status import StatusCounter
 from fireside.config import MAX_SEQUENCES, ServeConfig
@@ -135,6 +136,8 @@ def engine_config(config: ServeConfig) -> EngineConfig:
         token_budget=config.batch_size,
         cache_entries=config.prefix_cache,
         prefill_chunk=config.prefill_chunk,
+        speculate_auto=config.speculate == "auto",
+        speculate_max_running=config.speculate_max_running,
     )
 
 
@@ -160,6 +163,10 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
 
 
 def serve(config: ServeConfig) -> int:
+    template = None
+    if config.chat_template is not None:  # checked before the models load: fail fast
+        template = load_chat_template(config.chat_template)
+        ChatTemplate(template, bos_token="", eos_token="")
     specs = resolve_models(config.models, config.model_name, config.mmproj)
     aliases = resolve_aliases(config.aliases, specs)
     engines: dict[str, Engine] = {}
@@ -181,12 +188,14 @@ def serve(config: ServeConfig) -> int:
         {**engines, **{alias: engines[target] for alias, target in aliases.items()}},
         default_max_tokens=config.default_max_tokens,
         include_stop_str_in_output=config.include_stop_str_in_output,
+        isolate_cache_per_key=config.prompt_cache_isolation == "per-key",
         max_image_bytes=config.max_image_bytes,
         max_waiting=config.max_waiting,
         request_timeout_s=config.request_timeout,
     )
     app = create_app(
         service,
+        chat_template=template,
         models=models,
         api_keys=config.api_keys,
         engines=engines,  # health and metrics per model, not per alias

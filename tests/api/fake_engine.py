@@ -23,6 +23,7 @@ from fireside.engine.types import (
     GrammarSpec,
     RequestOutput,
     SampleDelta,
+    SpeculationCounts,
     TokenLogprob,
 )
 from fireside.runner.base import TokenizerInfo
@@ -89,7 +90,9 @@ class FakeEngine:
             self._bytes[self._ids[data]] = data
         return self._ids[data]
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         self.num_tokenize_calls += 1
         if self.fail_tokenize:
             raise RuntimeError("secret internal detail")
@@ -199,6 +202,11 @@ class FakeEngine:
                         SampleDelta(j, text, (token_id,), reason if is_last else None, logprobs)
                     )
                 is_finished = is_last
+                # With a draft, each step after the first "checks" two tokens, keeps one.
+                speculation = None
+                if request.speculation:
+                    given = len(request.speculation) * params.n
+                    speculation = SpeculationCounts(given, step, 2 * step, step)
                 yield RequestOutput(
                     request.request_id,
                     tuple(deltas),
@@ -206,6 +214,7 @@ class FakeEngine:
                     num_cached_tokens=self.cached_tokens,
                     prompt_logprobs=prompt_logprobs if step == 0 else None,
                     finished=is_last,
+                    speculation=speculation,
                 )
         finally:
             if not is_finished:
@@ -226,4 +235,6 @@ class FakeEngine:
             prefix_cache_hits_total=30,
             grammar_masks_total=5,
             grammar_mask_seconds_total=0.5,
+            spec_draft_tokens_total=9,
+            spec_accepted_tokens_total=4,
         )

@@ -183,6 +183,8 @@ def test_metrics_text(client):
         "fireside:prefix_cache_hits_total": 30,
         "fireside:grammar_masks_total": 5,
         "fireside:grammar_mask_seconds_total": 0.5,
+        "fireside:spec_decode_num_draft_tokens_total": 9,
+        "fireside:spec_decode_num_accepted_tokens_total": 4,
     }
     for name, value in expected.items():
         assert samples[(name, frozenset([model]))] == value, name

@@ -40,6 +40,9 @@ RANGED = {
     "seed",
     "n",
     "prompt_cache_max_len",
+    "mirostat_target",
+    "mirostat_lr",
+    "reasoning_effort",
 }
 # Fields a ranged field needs beside it to be valid.
 COMPANIONS: dict[str, dict[str, Any]] = {"top_logprobs": {"logprobs": True}}
@@ -82,6 +85,8 @@ def example_body(path: str) -> dict[str, Any]:
         return {"prompt": "hi"}
     if path.endswith("/detokenize"):
         return {"tokens": [1, 2]}
+    if path.endswith("/chat/completions"):
+        return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     return {"model": MODEL, "prompt": "hi", "max_tokens": 1}
 
 
@@ -127,7 +132,7 @@ def test_every_route_is_a_real_operation(client, document):
 
 
 def test_api_routes_are_generated_from_one_description(document):
-    for kind in ("completions", "models", "models/{model}"):
+    for kind in ("completions", "chat/completions", "models", "models/{model}"):
         v1 = document["paths"][f"/v1/{kind}"]
         inference = document["paths"][f"/inference/v1/{kind}"]
         for method, operation in v1.items():
@@ -263,6 +268,15 @@ VALID_BODIES = [
         },
     },
     {"prompt": "hi", "response_format": {"type": "grammar", "grammar": 'root ::= "a"'}},
+    {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {"type": "object"}}},
+    {"prompt": "hi", "response_format": {"type": "json_schema", "schema": '{"type":"object"}'}},
+    {"prompt": "hi", "response_format": {"type": "text", "schema": None, "grammar": None}},
+    {"prompt": "hi", "mirostat_target": 4, "mirostat_lr": 0.2, "service_tier": "priority"},
+    {"prompt": "hi", "speculation": [1, 2], "prompt_cache_key": "s", "metadata": {"a": "b"}},
+    {"prompt": "hi", "prediction": {"type": "content", "content": [{"type": "text", "text": "x"}]}},
+    {"prompt": "hi", "prompt_cache_isolation_key": "k", "reasoning_history": "preserved"},
+    {"prompt": "hi", "reasoning_effort": "none", "thinking": None},
+    {"prompt": "hi", "thinking": {"type": "enabled", "budget_tokens": 2048}},
     {"prompt": "hi", "stream_options": None, "suffix": None, "best_of": 1},
     {"prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
     {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": None}},
@@ -316,6 +330,20 @@ INVALID_BODIES = [
     ({"prompt": "hi", "stream": True, "stream_options": {"usage": True}}, "stream_options"),
     ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}}, "stream_options"),
     ({"prompt": "hi", "user": 5}, "user"),
+    (
+        {
+            "prompt": "hi",
+            "response_format": {"type": "json_schema", "schema": {}, "json_schema": {}},
+        },
+        "response_format",
+    ),
+    ({"prompt": "hi", "speculation": "a", "prediction": "b"}, "prediction"),
+    ({"prompt": "hi", "reasoning_effort": 2, "thinking": {"type": "disabled"}}, "thinking"),
+    ({"prompt": "hi", "thinking": {"type": "enabled", "budget_tokens": 10}}, "thinking"),
+    ({"prompt": "hi", "prediction": {"content": [{"type": "video_url"}]}}, "prediction"),
+    ({"prompt": "hi", "metadata": {"a": 1}}, "metadata"),
+    ({"prompt": "hi", "service_tier": "gold"}, "service_tier"),
+    ({"prompt": "hi", "speculation": [-1]}, "speculation"),
     ({"prompt": "hi", "frequency_penaltie": 1}, "frequency_penaltie"),
     ({}, "prompt"),
 ]

@@ -12,6 +12,10 @@ PERF_KEYS = [
     "cached-prompt-tokens",
     "server-time-to-first-token",
     "server-processing-time",
+    "speculation-prompt-tokens",
+    "speculation-prompt-matched-tokens",
+    "speculation-generated-tokens",
+    "speculation-accepted-tokens",
 ]
 
 
@@ -144,6 +148,30 @@ def test_perf_metrics_in_body_and_headers(make_client):
     assert 0 <= ttft <= total
     for key in PERF_KEYS:
         assert response.headers[f"fireworks-{key}"] == str(metrics[key])
+
+
+def test_perf_metrics_sum_the_speculation_counts_over_prompts(client):
+    """The engine sends each prompt's totals so far; the response adds up the last ones
+    (FakeEngine: 3 steps, a draft of 2 tokens per sample, n = 2)."""
+    response = client.post(
+        "/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": ["a b", "c"],
+            "n": 2,
+            "speculation": [5, 6],
+            "perf_metrics_in_response": True,
+        },
+    )
+    assert response.status_code == 200, response.text
+    metrics = response.json()["perf_metrics"]
+    assert metrics["speculation-prompt-tokens"] == 2 * 2 * 2  # two prompts, n = 2
+    assert metrics["speculation-prompt-matched-tokens"] == 2 * 2
+    assert metrics["speculation-generated-tokens"] == 2 * 4
+    assert metrics["speculation-accepted-tokens"] == 2 * 2
+    assert response.headers["fireworks-speculation-generated-tokens"] == "8"
+    plain = client.post("/v1/completions", json={"model": MODEL, "prompt": "a b"})
+    assert plain.headers["fireworks-speculation-prompt-tokens"] == "0"
 
 
 def test_perf_headers_are_always_sent(client):

@@ -31,6 +31,18 @@ CLOSED_PERSON = {**PERSON, "additionalProperties": False}
             {"type": "json_schema", "json_schema": {"name": "p", "schema": json.dumps(PERSON)}},
             CLOSED_PERSON,
         ),
+        # The SDK's flat ResponseFormat: `json_schema` may be the schema itself, or a
+        # string of either; `schema` may stand beside type json_schema; other keys null.
+        ({"type": "json_schema", "json_schema": PERSON}, CLOSED_PERSON),
+        ({"type": "json_schema", "json_schema": json.dumps(PERSON)}, CLOSED_PERSON),
+        (
+            {"type": "json_schema", "json_schema": json.dumps({"name": "p", "schema": PERSON})},
+            CLOSED_PERSON,
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "p"}}, {"type": "object"}),
+        ({"type": "json_schema", "schema": PERSON}, CLOSED_PERSON),
+        ({"type": "json_schema", "schema": json.dumps(PERSON), "json_schema": None}, CLOSED_PERSON),
+        ({"type": "json_object", "schema": None, "grammar": None}, {"type": "object"}),
     ],
 )
 def test_json_formats_reach_the_engine_as_closed_schemas(client, engine, response_format, schema):
@@ -48,7 +60,14 @@ def test_grammar_is_gbnf(client, engine):
     assert engine.requests[0].params.grammar == f"gbnf:{grammar}"
 
 
-@pytest.mark.parametrize("response_format", [{"type": "text"}, None])
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "text"},
+        None,
+        {"type": "text", "schema": None, "json_schema": None, "grammar": None},
+    ],
+)
 def test_text_is_unconstrained(client, engine, response_format):
     assert post(client, response_format=response_format).status_code == 200
     assert engine.grammar_specs == [] and engine.requests[0].params.grammar is None
@@ -76,6 +95,12 @@ def test_every_prompt_and_sample_gets_the_grammar(client, engine):
         {"type": "grammar", "grammar": "  "},
         {"type": "grammar", "grammar": 5},
         {"type": "text", "schema": {}},
+        {"type": "json_schema", "json_schema": PERSON, "schema": PERSON},
+        {"type": "json_schema", "json_schema": None},
+        {"type": "json_schema", "json_schema": "[1]"},
+        {"type": "json_object", "json_schema": PERSON},
+        {"type": "grammar", "grammar": 'root ::= "a"', "schema": PERSON},
+        {"type": None},
     ],
     ids=lambda v: json.dumps(v)[:50],
 )

@@ -177,7 +177,9 @@ def cold_server_url(_session_servers: ServerFactory) -> str:
     cached and requests sent one at a time, every request sees an empty cache,
     as the reference does.
     """
-    return _session_servers.start("--prefix-cache", "0").url
+    # No prompt lookup either: drafts change batch shapes, and this server is the one
+    # whose batches must be those of a plain one-sequence decode.
+    return _session_servers.start("--prefix-cache", "0", "--speculate", "off").url
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -20,10 +20,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from fireside.api.auth import BearerAuth
+from fireside.api.chat import ChatService, chat_templates
+from fireside.api.chat_protocol import parse_chat_request
 from fireside.api.errors import APIError, from_validation_errors
 from fireside.api.metrics import make_registry
 from fireside.api.openapi import openapi_document
 from fireside.api.openapi_paths import API_PREFIXES, TOKENIZER_PREFIXES
+from fireside.api.plan import Caller
 from fireside.api.protocol import parse_completion_request
 from fireside.api.responses import Health, ModelInfo, model_list, perf_metrics_headers
 from fireside.api.serving import ClientDisconnected, CompletionService
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 # nginx's code for "client closed the request"; nobody reads it, but logs do.
 _CLIENT_CLOSED = 499
+# The hosted API's header for `prompt_cache_isolation_key` (the body field wins).
+ISOLATION_HEADER = "x-prompt-cache-isolation-key"
 
 
 def create_app(
@@ -44,11 +49,13 @@ def create_app(
     api_keys: Sequence[str] = (),
     engines: Mapping[str, EngineClient] | None = None,
     *,
+    chat_template: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     test_hooks: bool = False,
 ) -> FastAPI:
     """Build the app. `engines` defaults to the service's and `models` to one entry per
-    engine; pass them to list something else (a display name, a creation time)."""
+    engine; pass them to list something else (a display name, a creation time).
+    `chat_template` (Jinja source) replaces every model file's own chat template."""
     engines = dict(service.engines if engines is None else engines)
     if models is None:
         created = int(time.time())
@@ -68,24 +75,38 @@ def create_app(
     _add_error_handlers(app)
     api = APIRouter(dependencies=[Depends(auth)], route_class=_GuardedRoute)
 
-    async def create_completion(request: Request) -> Response:
+    chat = ChatService(service, chat_templates(service.engines, chat_template))
+
+    async def read_request(request: Request) -> tuple[bytes, Caller]:
         if app.state.draining:
             raise APIError.unavailable("The server is shutting down; retry on another instance.")
         body = await _read_body(request, max_body_bytes)
-        plan = await service.prepare(parse_completion_request(body))
+        caller = Caller(auth.tenant_of(request), request.headers.get(ISOLATION_HEADER) or None)
+        return body, caller
+
+    async def create_completion(request: Request) -> Response:
+        body, caller = await read_request(request)
+        plan = await service.prepare(parse_completion_request(body), caller)
         request.state.completion_id = plan.cmpl_id  # its `done` line is the service's
         if plan.stream:
-            return StreamingResponse(
-                service.stream(plan),
-                media_type="text/event-stream",
-                # no-transform and X-Accel-Buffering stop proxies from holding events back.
-                headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
-            )
+            return _event_stream(service.stream(plan))
         try:
             result = await service.complete(plan, request.is_disconnected)
         except ClientDisconnected:
             return Response(status_code=_CLIENT_CLOSED)
         return JSONResponse(result.body, headers=perf_metrics_headers(result.perf_metrics))
+
+    async def create_chat_completion(request: Request) -> Response:
+        body, caller = await read_request(request)
+        chat_plan = await chat.prepare(parse_chat_request(body), caller)
+        request.state.completion_id = chat_plan.plan.cmpl_id
+        if chat_plan.stream:
+            return _event_stream(chat.stream(chat_plan))
+        try:
+            answer, result = await chat.complete(chat_plan, request.is_disconnected)
+        except ClientDisconnected:
+            return Response(status_code=_CLIENT_CLOSED)
+        return JSONResponse(answer, headers=perf_metrics_headers(result.perf_metrics))
 
     async def list_models() -> JSONResponse:
         return JSONResponse(model_list(list(models_by_id.values())))
@@ -112,6 +133,7 @@ def create_app(
 
     for prefix in API_PREFIXES:
         api.add_api_route(f"{prefix}/completions", create_completion, methods=["POST"])
+        api.add_api_route(f"{prefix}/chat/completions", create_chat_completion, methods=["POST"])
         api.add_api_route(f"{prefix}/models", list_models, methods=["GET"])
         # :path because model ids may contain "/" (they arrive percent-decoded).
         api.add_api_route(f"{prefix}/models/{{model_id:path}}", get_model, methods=["GET"])
@@ -152,6 +174,15 @@ def create_app(
 
     app.state.draining = False  # set on SIGTERM/SIGINT: new requests get 503
     return app
+
+
+def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        # no-transform and X-Accel-Buffering stop proxies from holding events back.
+        headers={"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"},
+    )
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -37,7 +37,13 @@ from fireside.api.responses import (
     perf_metrics_dict,
     usage_dict,
 )
-from fireside.engine.types import FinishReason, RequestOutput, SampleDelta, TokenLogprob
+from fireside.engine.types import (
+    FinishReason,
+    RequestOutput,
+    SampleDelta,
+    SpeculationCounts,
+    TokenLogprob,
+)
 
 
 class _Choice:
@@ -155,6 +161,8 @@ class Choices:
             for j in range(plan.n)
         ]
         self._cached = [0] * len(plan.prompts)
+        # Each prompt's speculative decoding so far (the engine sends its totals).
+        self._speculation = [SpeculationCounts()] * len(plan.prompts)
         self._num_prompt_tokens = plan.num_prompt_tokens
         self._num_generated = 0
         self.first_token_at: float | None = None  # time.monotonic() of the first token
@@ -181,6 +189,8 @@ class Choices:
         """Take one engine output of this prompt."""
         chunks: list[CompletionChunkChoice] = []
         self._cached[prompt.index] = max(self._cached[prompt.index], output.num_cached_tokens)
+        if output.speculation is not None:
+            self._speculation[prompt.index] = output.speculation
         if prompt.is_scored and output.prompt_logprobs is not None:
             # The echo chunk carries the prompt's logprobs, so it goes out now, before
             # this output's deltas.
@@ -250,6 +260,12 @@ class Choices:
             self.num_cached_tokens,
             first_token_at - self._started_at,
             now - self._started_at,
+            SpeculationCounts(
+                prediction_tokens=sum(s.prediction_tokens for s in self._speculation),
+                prediction_matched=sum(s.prediction_matched for s in self._speculation),
+                draft_tokens=sum(s.draft_tokens for s in self._speculation),
+                accepted_tokens=sum(s.accepted_tokens for s in self._speculation),
+            ),
         )
 
     def choice_usage(self, index: int) -> Usage:

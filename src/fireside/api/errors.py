@@ -151,8 +151,10 @@ def from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> APIError:
     if not errors:
         return APIError.invalid("Invalid request.", None)
     error = errors[0]
-    loc = [part for part in error.get("loc", ()) if part not in _LOCATIONS] or [None]
+    loc = [part for part in error.get("loc", ()) if _is_path(part)] or [None]
     param = loc[0] if isinstance(loc[0], str) else None
+    if param in _PATH_PARAMS:
+        param = _dotted(loc)  # `messages[2].content`: which message, not just "messages"
     kind = str(error.get("type", ""))
     msg = str(error.get("msg", "invalid value"))
     if kind == "extra_forbidden":
@@ -168,6 +170,23 @@ def from_validation_errors(errors: Sequence[Mapping[str, Any]]) -> APIError:
     code = "invalid_type" if kind in _TYPE_ERRORS else "invalid_value"
     what = "type" if code == "invalid_type" else "value"
     return APIError.invalid(f"Invalid {what} for '{_dotted(loc)}': {msg}", param, code)
+
+
+# Fields whose errors name the whole path in `param`: a list of objects, where the
+# index is what the client needs.
+_PATH_PARAMS = {"messages", "tools", "functions"}
+# Basic type names pydantic puts into a location for each branch of a union.
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+def _is_path(part: Any) -> bool:
+    """Whether a location part names a field or an index (not where the value came from,
+    not a union branch such as `str` or `list[ContentPart]`)."""
+    if isinstance(part, int):
+        return True
+    if not isinstance(part, str) or part in _LOCATIONS:
+        return False
+    return not (part in _UNION_TAGS or "[" in part or part[:1].isupper())
 
 
 def _dotted(loc: Sequence[Any]) -> str:

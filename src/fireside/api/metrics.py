@@ -140,6 +140,18 @@ _ENGINE_METRICS: list[tuple[type, str, str, Callable[[EngineStats], float]]] = [
         "Seconds spent computing and applying those masks.",
         lambda s: s.grammar_mask_seconds_total,
     ),
+    (
+        CounterMetricFamily,
+        "fireside:spec_decode_num_draft_tokens",
+        "Draft tokens checked by speculative decoding (predictions and prompt lookup).",
+        lambda s: s.spec_draft_tokens_total,
+    ),
+    (
+        CounterMetricFamily,
+        "fireside:spec_decode_num_accepted_tokens",
+        "Of those, tokens accepted into outputs.",
+        lambda s: s.spec_accepted_tokens_total,
+    ),
 ]
 
 

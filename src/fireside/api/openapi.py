@@ -26,9 +26,11 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
 from fireside import __version__
+from fireside.api.chat_protocol import ChatCompletionRequest
+from fireside.api.chat_responses import ChatCompletion, ChatCompletionChunk
 from fireside.api.errors import Error
 from fireside.api.openapi_paths import Schema, paths
-from fireside.api.protocol import CompletionRequest
+from fireside.api.protocol import CompletionRequest, SamplingRequest
 from fireside.api.responses import (
     PERF_HEADER_PREFIX,
     Completion,
@@ -58,6 +60,9 @@ _SHAPES: dict[str, Any] = {
     "DetokenizeRequest": DetokenizeRequest,
     "Completion": Completion,
     "CompletionChunk": CompletionChunk,
+    "ChatCompletionRequest": ChatCompletionRequest,
+    "ChatCompletion": ChatCompletion,
+    "ChatCompletionChunk": ChatCompletionChunk,
     "Model": Model,
     "ModelList": ModelList,
     "Health": Health,
@@ -67,35 +72,37 @@ _SHAPES: dict[str, Any] = {
     "DetokenizeResponse": DetokenizeResponse,
 }
 
+
 # OpenAPI 3.1 has no schema for a stream, so this describes each event of one; its
 # framing is `responses.sse_event`'s.
-_COMPLETION_EVENT: Schema = {
-    "type": "object",
-    "properties": {
-        "data": {
-            "anyOf": [
-                {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": {
-                        "oneOf": [
-                            {"$ref": f"{_REF_PREFIX}CompletionChunk"},
-                            {"$ref": f"{_REF_PREFIX}Error"},
-                        ]
+def _event(chunk: str) -> Schema:
+    return {
+        "type": "object",
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "oneOf": [
+                                {"$ref": f"{_REF_PREFIX}{chunk}"},
+                                {"$ref": f"{_REF_PREFIX}Error"},
+                            ]
+                        },
                     },
-                },
-                {"const": "[DONE]"},
-            ]
+                    {"const": "[DONE]"},
+                ]
+            },
+            "event": {"type": "string"},
         },
-        "event": {"type": "string"},
-    },
-    "required": ["data"],
-    "description": (
-        "One server-sent event (OpenAPI 3.1 has no schema for a stream, so this describes "
-        "each event): `data:` holds a CompletionChunk, or an Error when generation fails "
-        "after the stream started, and the last event's is `[DONE]`."
-    ),
-}
+        "required": ["data"],
+        "description": (
+            "One server-sent event (OpenAPI 3.1 has no schema for a stream, so this describes "
+            f"each event): `data:` holds a {chunk}, or an Error when generation fails "
+            "after the stream started, and the last event's is `[DONE]`."
+        ),
+    }
 
 
 def completion_request_schema() -> Schema:
@@ -150,20 +157,22 @@ def _components() -> dict[str, Schema]:
     for (name, _), ref in refs.items():  # each named shape is a definition, under its name
         if ref != {"$ref": _REF_PREFIX + name}:
             raise AssertionError(f"{name} is not a definition of its own: {ref}")
-    _apply_server_defaults(schemas["CompletionRequest"])
+    _apply_server_defaults(schemas["CompletionRequest"], CompletionRequest)
+    _apply_server_defaults(schemas["ChatCompletionRequest"], ChatCompletionRequest)
     schemas = _inline_private(schemas)
     _tidy(schemas)
-    schemas["CompletionEvent"] = copy.deepcopy(_COMPLETION_EVENT)
+    schemas["CompletionEvent"] = _event("CompletionChunk")
+    schemas["ChatCompletionEvent"] = _event("ChatCompletionChunk")
     return schemas
 
 
-def _apply_server_defaults(request: Schema) -> None:
+def _apply_server_defaults(request: Schema, model: type[SamplingRequest]) -> None:
     """Each field's default as the server applies it: the model's, or for the sampling
     fields (whose model default is null, "not given") `SamplingParams`'."""
     engine_defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
     for name, prop in request["properties"].items():
         prop.pop("default", None)
-        value = CompletionRequest.model_fields[name].default
+        value = model.model_fields[name].default
         if value is None:
             value = engine_defaults.get(name)
         if isinstance(value, bool | int | float | str):

@@ -78,6 +78,25 @@ def _create_completion(operation_id: str, perf_headers: dict[str, Schema]) -> Sc
     }
 
 
+def _create_chat_completion(operation_id: str, perf_headers: dict[str, Schema]) -> Schema:
+    operation = _create_completion(operation_id, perf_headers)
+    operation["summary"] = "Create a chat completion"
+    operation["tags"] = ["chat"]
+    operation["requestBody"]["content"]["application/json"]["schema"] = _ref(
+        "ChatCompletionRequest"
+    )
+    ok = operation["responses"]["200"]
+    ok["description"] = (
+        "The answer: JSON, or with `stream: true` server-sent events "
+        "(`data: <ChatCompletionChunk>` each, ending with `data: [DONE]`)."
+    )
+    ok["content"] = {
+        "application/json": {"schema": _ref("ChatCompletion")},
+        "text/event-stream": {"schema": _ref("ChatCompletionEvent")},
+    }
+    return operation
+
+
 def _list_models(operation_id: str) -> Schema:
     return {
         "operationId": operation_id,
@@ -166,6 +185,9 @@ def paths(perf_headers: dict[str, Schema]) -> dict[str, Schema]:
     for prefix, suffix in zip(API_PREFIXES, ("", "Inference"), strict=True):
         paths[f"{prefix}/completions"] = {
             "post": _create_completion(f"createCompletion{suffix}", perf_headers)
+        }
+        paths[f"{prefix}/chat/completions"] = {
+            "post": _create_chat_completion(f"createChatCompletion{suffix}", perf_headers)
         }
         paths[f"{prefix}/models"] = {"get": _list_models(f"listModels{suffix}")}
         paths[f"{prefix}/models/{{model}}"] = {"get": _retrieve_model(f"retrieveModel{suffix}")}

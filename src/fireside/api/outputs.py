@@ -30,7 +30,14 @@ async def prompt_outputs(plan: CompletionPlan, prompt: PromptPlan) -> AsyncItera
     aborts the engine request promptly when we stop early.
     """
     request = EngineRequest(
-        f"{plan.cmpl_id}-{prompt.index}", prompt.token_ids, prompt.params, prompt.media
+        f"{plan.cmpl_id}-{prompt.index}",
+        prompt.token_ids,
+        prompt.params,
+        prompt.media,
+        speculation=prompt.speculation,
+        cache_isolation_key=plan.cache_isolation_key,
+        cache_key=plan.cache_key,
+        priority=plan.priority,
     )
     outputs = plan.engine.generate(request)
     is_finished = False

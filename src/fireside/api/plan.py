@@ -18,6 +18,14 @@ from fireside.runner.base import MediaPrompt
 
 
 @dataclass(frozen=True)
+class Caller:
+    """What the HTTP layer knows of who sent a request, for planning."""
+
+    tenant: str | None = None  # a digest of the API key it authenticated with (auth.py)
+    isolation_header: str | None = None  # `x-prompt-cache-isolation-key`, if sent
+
+
+@dataclass(frozen=True)
 class OutputOptions:
     """What a request asked to see beyond the text."""
 
@@ -45,6 +53,7 @@ class PromptPlan:
     echo_text: str  # what the choice's text starts with; "" without echo
     params: SamplingParams  # max_tokens already fitted to the context
     media: MediaPrompt | None = None  # its images, tokenized (EngineClient.tokenize_media)
+    speculation: tuple[int, ...] = ()  # draft token ids, at most max_tokens of them
 
     @property
     def is_scored(self) -> bool:
@@ -78,6 +87,10 @@ class CompletionPlan:
     # Queue places for the engine requests, released once they are submitted.
     queue_hold: QueueHold = field(compare=False)
     log: RequestLog = field(compare=False)  # `start` written; `done` once it ends
+    # What each engine request carries besides its prompt (EngineRequest's fields).
+    cache_isolation_key: str | None = None
+    cache_key: str | None = None
+    priority: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

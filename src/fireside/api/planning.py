@@ -2,7 +2,9 @@
 
 `CompletionPlanner.prepare` resolves the model, bounds what the request asks
 for, holds its places in the waiting queue (429 when full), compiles its
-grammar, tokenizes its prompts (images too) and fits each to the context. It
+grammar, tokenizes its prompts (images too) and its draft (`speculation`,
+`prediction`), fits each prompt to the context, and decides which cached
+prefixes it may share (`cache_isolation_key`). It
 raises `APIError` and submits nothing, so a client error is always an HTTP
 status and never a broken stream. One engine request per prompt; the engine
 forks it `n` ways. Running the plan is `running.py`'s job.
@@ -18,19 +20,20 @@ from collections.abc import Mapping
 from fireside.api import images
 from fireside.api.admission import Admission
 from fireside.api.errors import APIError
-from fireside.api.plan import CompletionPlan, OutputOptions, PromptPlan
+from fireside.api.plan import Caller, CompletionPlan, OutputOptions, PromptPlan
 from fireside.api.prompts import (
     check_logit_bias,
     check_token_ids,
+    draft_token_ids,
     fit_to_context,
     tokenize_prompts,
 )
 from fireside.api.protocol import CompletionRequest
 from fireside.api.request_log import RequestLog
 from fireside.api.responses import new_completion_id
-from fireside.api.structured import grammar_spec
+from fireside.api.structured import grammar_spec as grammar_spec_of
 from fireside.engine.client import EngineClient
-from fireside.engine.types import GrammarError
+from fireside.engine.types import GrammarError, GrammarSpec
 from fireside.runner.base import MediaPrompt
 
 # (token ids, the prompt's text or None for token ids), one per prompt.
@@ -50,6 +53,7 @@ class CompletionPlanner:
         max_image_bytes: int,
         max_prompts: int,
         max_total_tokens: int,
+        isolate_cache_per_key: bool,
     ) -> None:
         self.engines = dict(engines)
         self.admission = admission
@@ -59,10 +63,26 @@ class CompletionPlanner:
         self.max_image_bytes = max_image_bytes
         self.max_prompts = max_prompts
         self.max_total_tokens = max_total_tokens  # generated tokens one request may ask for
+        # `--prompt-cache-isolation per-key`: each API key's requests share cached KV only
+        # among themselves, so `cached_tokens` tells no tenant what another one sent.
+        self.isolate_cache_per_key = isolate_cache_per_key
 
-    async def prepare(self, request: CompletionRequest) -> CompletionPlan:
-        """Check everything a client could get wrong; raises `APIError`, submits nothing."""
+    async def prepare(
+        self,
+        request: CompletionRequest,
+        caller: Caller | None = None,
+        *,
+        tokenized: tuple[list[int], str] | None = None,
+        grammar_spec: GrammarSpec | None = None,
+        id_prefix: str = "cmpl-",
+    ) -> CompletionPlan:
+        """Check everything a client could get wrong; raises `APIError`, submits nothing.
+
+        Chat completions (chat.py) plan their rendered prompt here too: `tokenized` is
+        its token ids and text (instead of tokenizing `request.prompt`), and
+        `grammar_spec` a tool-call grammar (instead of `response_format`'s)."""
         started_at = time.monotonic()
+        caller = caller or Caller()
         engine = self.engines.get(request.model)
         if engine is None:
             raise APIError.model_not_found(request.model)
@@ -73,13 +93,20 @@ class CompletionPlanner:
         if not engine.is_healthy:
             raise APIError.unavailable()
         check_logit_bias(request.logit_bias_pairs, engine.vocab_size)
-        grammar = await _compile_grammar(engine, request)
+        grammar = await _compile_grammar(
+            engine, grammar_spec or grammar_spec_of(request.response_format)
+        )
         if request.include_stop_str_in_output is None:
             request = request.model_copy(
                 update={"include_stop_str_in_output": self.include_stop_str_in_output}
             )
 
-        prompts = await tokenize_prompts(engine, request.prompt)
+        draft_param = "speculation" if request.speculation is not None else "prediction"
+        draft = await draft_token_ids(engine, request.draft, draft_param)
+        if tokenized is not None:
+            prompts: TokenizedPrompts = [tokenized]
+        else:
+            prompts = await tokenize_prompts(engine, request.prompt)
         media: list[MediaPrompt | None] = [None] * len(prompts)
         if engine.supports_images:
             prompts, media = await self._tokenize_images(engine, request, prompts)
@@ -93,8 +120,29 @@ class CompletionPlanner:
             fitted = fit_to_context(num_tokens, max_tokens, engine.context_length, truncate)
             echo_text = _echo_text(engine, token_ids, text, request.num_echo_tokens(num_tokens))
             params = request.to_sampling_params(fitted, num_tokens, grammar)
-            plans.append(PromptPlan(index, tuple(token_ids), text, echo_text, params, media[index]))
-        return self._plan(request, engine, tuple(plans), started_at)
+            plans.append(
+                PromptPlan(
+                    index,
+                    tuple(token_ids),
+                    text,
+                    echo_text,
+                    params,
+                    media[index],
+                    speculation=draft[:fitted],  # no output token lies beyond max_tokens
+                )
+            )
+        return self._plan(request, engine, tuple(plans), started_at, caller, id_prefix)
+
+    def _isolation_key(self, request: CompletionRequest, caller: Caller) -> str | None:
+        """The engine's key for which cached prefixes the request may share: the body's
+        `prompt_cache_isolation_key`, else the header's; per API key, under the key's
+        digest (a fixed-length prefix, so no tenant can name another's space)."""
+        key = request.prompt_cache_isolation_key
+        if key is None:
+            key = caller.isolation_header
+        if self.isolate_cache_per_key and caller.tenant is not None:
+            return caller.tenant if key is None else f"{caller.tenant}/{key}"
+        return key
 
     def _plan(
         self,
@@ -102,8 +150,10 @@ class CompletionPlanner:
         engine: EngineClient,
         prompts: tuple[PromptPlan, ...],
         started_at: float,
+        caller: Caller,
+        id_prefix: str,
     ) -> CompletionPlan:
-        cmpl_id = new_completion_id()
+        cmpl_id = new_completion_id(id_prefix)
         stream = bool(request.stream)
         log = RequestLog(
             cmpl_id, request.model, stream, sum(len(p.token_ids) for p in prompts), started_at
@@ -121,6 +171,9 @@ class CompletionPlanner:
             started_at=started_at,
             queue_hold=self.admission.hold(request.model, num_engine_requests),
             log=log,
+            cache_isolation_key=self._isolation_key(request, caller),
+            cache_key=request.prompt_cache_key,
+            priority=request.is_priority,
         )
         log.start(len(prompts), plan.n, request.user)
         # Every `start` line gets one `done` line: a plan dropped unrun (the client left
@@ -202,8 +255,7 @@ def _output_options(request: CompletionRequest) -> OutputOptions:
     )
 
 
-async def _compile_grammar(engine: EngineClient, request: CompletionRequest) -> str | None:
-    spec = grammar_spec(request.response_format)
+async def _compile_grammar(engine: EngineClient, spec: GrammarSpec | None) -> str | None:
     if spec is None:
         return None
     try:

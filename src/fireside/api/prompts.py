@@ -83,3 +83,25 @@ def fit_to_context(
         '"context_length_exceeded_behavior": "truncate".',
         "max_tokens",
     )
+
+
+async def draft_token_ids(
+    engine: EngineClient, draft: str | list[int] | None, param: str
+) -> tuple[int, ...]:
+    """`speculation` or `prediction` as token ids: text is tokenized as output is, with
+    no BOS; ids must be in the vocabulary (400 naming `param`)."""
+    if draft is None or not draft:
+        return ()
+    if isinstance(draft, str):
+        text = draft
+        if len(text) > TOKENIZE_IN_THREAD_CHARS:
+            return tuple(await asyncio.to_thread(engine.tokenize, text, False))
+        return tuple(engine.tokenize(text, add_special=False))
+    for position, token_id in enumerate(draft):
+        if not 0 <= token_id < engine.vocab_size:
+            raise APIError.invalid(
+                f"token id {token_id} at position {position} of {param} is out of range "
+                f"[0, {engine.vocab_size})",
+                param,
+            )
+    return tuple(draft)

@@ -2,7 +2,8 @@
 one conversion from a request to engine `SamplingParams`.
 
 Request fields are in the order of docs/api.md (`stream_options` beside `stream`);
-the OpenAI fields that are only tolerated come last, in their own block. Each
+the reasoning controls (validated, no effect here) and the OpenAI fields that are
+only tolerated come last, in their own blocks. Each
 field's description and schema live here (or, with its validator, in
 `request_fields.py`): `/openapi.json` is generated from this model.
 """
@@ -25,10 +26,15 @@ from fireside.api.request_fields import (
     BestOf,
     LogitBias,
     Logprobs,
+    Prediction,
     Prompt,
+    ReasoningEffort,
+    Speculation,
     Stop,
     StreamOptionsField,
     Suffix,
+    Thinking,
+    not_both,
 )
 from fireside.api.structured import ResponseFormatField
 from fireside.engine.types import SamplingParams
@@ -57,31 +63,28 @@ def _invalid(message: str) -> PydanticCustomError:
     return PydanticCustomError("invalid_value", message)
 
 
-class CompletionRequest(BaseModel):
-    """Unknown fields are rejected with 400; null means the field was not given."""
+class SamplingRequest(BaseModel):
+    """The fields the completions and chat completions endpoints share: the model, how
+    to sample, what to return. Unknown fields are rejected with 400; null means the
+    field was not given."""
 
     # None means "not given": the default then comes from `SamplingParams` or from the
     # server's configuration (the document shows those defaults, see openapi.py).
     # strict: "1" is not a number and true is not an int; a JSON int is still a float.
     model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra=STREAM_OPTIONS_NEED_STREAM
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "allOf": [
+                STREAM_OPTIONS_NEED_STREAM,
+                not_both("speculation", "prediction"),
+                not_both("reasoning_effort", "thinking"),
+            ]
+        },
     )
 
     model: str = Field(
         description="The id of a loaded model (see `GET /v1/models`); an unknown id is 404."
-    )
-    prompt: Prompt = Field(
-        description=(
-            "A string, several strings, token ids, or several lists of token ids. Token ids "
-            "must be below the model's vocabulary size. Several prompts give several choices."
-        )
-    )
-    images: Images | None = Field(
-        None,
-        description=(
-            "Data URIs, one per `<image>` marker in the prompt (a flat list in marker order, "
-            "or one list per prompt). Only for models with vision support."
-        ),
     )
     max_tokens: int | None = Field(
         None,
@@ -139,6 +142,19 @@ class CompletionRequest(BaseModel):
     )
     typical_p: float | None = Field(
         None, ge=0, le=1, description="Locally typical sampling; 1 is off."
+    )
+    mirostat_target: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Mirostat 2.0's target surprise tau, in bits per token (llama.cpp's default is 5); "
+            "lower is more predictable. Not given: no Mirostat. No effect at temperature 0."
+        ),
+    )
+    mirostat_lr: float | None = Field(
+        None,
+        ge=0,
+        description="Mirostat's learning rate eta; only with `mirostat_target`.",
     )
     frequency_penalty: float | None = Field(
         None,
@@ -199,6 +215,21 @@ class CompletionRequest(BaseModel):
             "A schema or grammar that cannot compile is 400."
         ),
     )
+    speculation: Speculation = Field(
+        None,
+        description=(
+            "The output you expect, as text or token ids, decoded speculatively as a draft. "
+            "It changes the speed, never the output. Token ids must be below the model's "
+            "vocabulary size. Not with `prediction`."
+        ),
+    )
+    prediction: Prediction = Field(
+        None,
+        description=(
+            "OpenAI's predicted output: a string, or an object whose `content` is a string or "
+            "text parts; used as `speculation`. Not with `speculation`."
+        ),
+    )
     stream: bool | None = Field(
         False, description="Answer with server-sent events (`text/event-stream`)."
     )
@@ -227,20 +258,76 @@ class CompletionRequest(BaseModel):
             "Longest prompt prefix the prefix cache may use; 0 disables it for this request."
         ),
     )
+    prompt_cache_key: str | None = Field(
+        None,
+        description=(
+            "A session-affinity key for routing to the replica holding the session's cache; "
+            "one server accepts it and answers the same."
+        ),
+    )
+    prompt_cache_isolation_key: str | None = Field(
+        None,
+        description=(
+            "Requests share cached prompt KV only with requests of the same key (none "
+            "shares only with none). Not given: the `x-prompt-cache-isolation-key` header."
+        ),
+    )
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = Field(
+        None,
+        description=(
+            "`priority` is admitted before waiting requests of the default tier and preempted "
+            "after them; every other value is the default tier."
+        ),
+    )
     user: str | None = Field(
         None,
         description="An end-user id for the server's logs; it does not change the output.",
     )
+    metadata: dict[str, str] | None = Field(
+        None,
+        description="String keys to string values, for the caller's tracing; never logged.",
+    )
 
-    # --- OpenAI fields some clients always send; accepted only with neutral values.
-    suffix: Suffix = Field(None, description="Accepted for OpenAI clients, only as null.")
-    best_of: BestOf = Field(None, description="Accepted for OpenAI clients, only as 1 or null.")
+    # --- Reasoning controls: validated; no effect on a model without a reasoning mode,
+    # and Fireside serves none (the prompt is completed as sent).
+    reasoning_effort: ReasoningEffort = Field(
+        None,
+        description=(
+            "`low`, `medium`, `high` or `none`, a boolean, or a token limit (an integer of "
+            "at least 1). Not with `thinking`. No effect here."
+        ),
+    )
+    reasoning_history: Literal["disabled", "interleaved", "preserved"] | None = Field(
+        None,
+        description="How a chat template keeps earlier reasoning. No effect here.",
+    )
+    thinking: Thinking = Field(
+        None,
+        description=(
+            '`{"type": "enabled", "budget_tokens": N}` (N at least 1024, optional) or '
+            '`{"type": "disabled"}`. Not with `reasoning_effort`. No effect here.'
+        ),
+    )
 
     @field_validator("max_completion_tokens")
     @classmethod
     def _check_one_max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and info.data.get("max_tokens") is not None:
             raise _invalid("give `max_tokens` or `max_completion_tokens`, not both")
+        return value
+
+    @field_validator("prediction")
+    @classmethod
+    def _check_one_draft(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("speculation") is not None:
+            raise _invalid("give `speculation` or `prediction`, not both")
+        return value
+
+    @field_validator("thinking")
+    @classmethod
+    def _check_one_reasoning_control(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("reasoning_effort") is not None:
+            raise _invalid("give `reasoning_effort` or `thinking`, not both")
         return value
 
     @field_validator("top_logprobs")
@@ -296,6 +383,15 @@ class CompletionRequest(BaseModel):
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
     @property
+    def draft(self) -> str | list[int] | None:
+        """The expected output, from `speculation` or `prediction` (never both)."""
+        return self.speculation if self.speculation is not None else self.prediction
+
+    @property
+    def is_priority(self) -> bool:
+        return self.service_tier == "priority"
+
+    @property
     def stop_sequences(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -328,6 +424,9 @@ class CompletionRequest(BaseModel):
             "presence_penalty": self.presence_penalty,
             "repetition_penalty": self.repetition_penalty,
             "prompt_cache_max_len": self.prompt_cache_max_len,
+            "mirostat_target": self.mirostat_target,
+            # Only with a target: alone, eta has nothing to steer.
+            "mirostat_lr": self.mirostat_lr if self.mirostat_target is not None else None,
         }
         # None means "not given": SamplingParams is the one place the defaults live.
         kwargs = {name: value for name, value in given.items() if value is not None}
@@ -345,6 +444,27 @@ class CompletionRequest(BaseModel):
             grammar=grammar,
             **kwargs,
         )
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions`: the shared fields and the prompt."""
+
+    prompt: Prompt = Field(
+        description=(
+            "A string, several strings, token ids, or several lists of token ids. Token ids "
+            "must be below the model's vocabulary size. Several prompts give several choices."
+        )
+    )
+    images: Images | None = Field(
+        None,
+        description=(
+            "Data URIs, one per `<image>` marker in the prompt (a flat list in marker order, "
+            "or one list per prompt). Only for models with vision support."
+        ),
+    )
+    # --- OpenAI fields some clients always send; accepted only with neutral values.
+    suffix: Suffix = Field(None, description="Accepted for OpenAI clients, only as null.")
+    best_of: BestOf = Field(None, description="Accepted for OpenAI clients, only as 1 or null.")
 
 
 _Body = TypeVar("_Body", bound=BaseModel)

@@ -10,7 +10,7 @@ the codes the client sees (errors.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AfterValidator,
@@ -229,3 +229,166 @@ Suffix = Annotated[None, PlainValidator(_check_suffix, json_schema_input_type=No
 BestOf = Annotated[
     int | None, PlainValidator(_check_best_of, json_schema_input_type=Literal[1] | None)
 ]
+
+
+# --- speculation and prediction: the output the caller expects
+
+
+def _check_speculation(value: Any) -> str | list[int] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(_is_int(t) for t in value):
+        if any(t < 0 for t in value):
+            raise _invalid("speculation token ids must not be negative")
+        return list(value)
+    raise _wrong_type("speculation must be a string or an array of token ids")
+
+
+Speculation = Annotated[
+    str | list[int] | None,
+    PlainValidator(
+        _check_speculation,
+        json_schema_input_type=str | list[Annotated[int, Field(ge=0)]] | None,
+    ),
+]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class PredictionTextPart(TypedDict):
+    """A text part of the predicted content (OpenAI's content part)."""
+
+    type: Literal["text"]
+    text: str
+
+
+@with_config(ConfigDict(extra="forbid"))
+class PredictedOutput(TypedDict):
+    """OpenAI's predicted output; the text parts are joined in order."""
+
+    type: NotRequired[Literal["content"]]
+    content: str | list[PredictionTextPart]
+
+
+_PREDICTION_SHAPES = (
+    'prediction must be a string or {"type": "content", "content": a string or an array '
+    'of {"type": "text", "text": ...} parts}'
+)
+
+
+def _check_prediction(value: Any) -> str | None:
+    """The predicted text: the string, or the content's text parts joined."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, dict) or "content" not in value:
+        raise _wrong_type(_PREDICTION_SHAPES)
+    unknown = sorted(set(value) - {"type", "content"})
+    if unknown:
+        raise _invalid(f"prediction does not take {unknown[0][:40]!r}")
+    if value.get("type", "content") != "content":
+        raise _invalid('prediction.type must be "content"')
+    content = value["content"]
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _wrong_type(_PREDICTION_SHAPES)
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise _wrong_type(f"prediction.content[{i}] must be an object")
+        if part.get("type") != "text":
+            # Image and video parts type-check in the SDK, but an output is text.
+            raise PydanticCustomError(
+                "unsupported", f"prediction.content[{i}]: only text parts are supported"
+            )
+        if set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise _invalid(f'prediction.content[{i}] must be {{"type": "text", "text": str}}')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+Prediction = Annotated[
+    str | None,
+    PlainValidator(_check_prediction, json_schema_input_type=str | PredictedOutput | None),
+]
+
+
+# --- reasoning controls: validated by their documented types
+
+
+REASONING_EFFORTS = ("low", "medium", "high", "none")
+
+
+def _check_reasoning_effort(value: Any) -> str | int | bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    if _is_int(value):
+        if value < 1:
+            raise _invalid("reasoning_effort as an integer is a token limit: at least 1")
+        return int(value)
+    if isinstance(value, str):
+        if value not in REASONING_EFFORTS:
+            raise _invalid(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}")
+        return value
+    raise _wrong_type("reasoning_effort must be a string, an integer or a boolean")
+
+
+ReasoningEffort = Annotated[
+    str | int | bool | None,
+    PlainValidator(
+        _check_reasoning_effort,
+        json_schema_input_type=Literal["low", "medium", "high", "none"]
+        | Annotated[int, Field(ge=1)]
+        | bool
+        | None,
+    ),
+]
+
+MIN_THINKING_BUDGET = 1024  # the SDK's documented floor for budget_tokens
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ThinkingEnabled(TypedDict):
+    """Anthropic's format: thinking on, optionally within a token budget."""
+
+    type: Literal["enabled"]
+    budget_tokens: NotRequired[Annotated[int, Field(ge=MIN_THINKING_BUDGET)] | None]
+
+
+@with_config(ConfigDict(extra="forbid"))
+class ThinkingDisabled(TypedDict):
+    type: Literal["disabled"]
+
+
+def _check_thinking(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _wrong_type('thinking must be {"type": "enabled"} or {"type": "disabled"}')
+    kind = value.get("type")
+    allowed = {"enabled": {"type", "budget_tokens"}, "disabled": {"type"}}.get(str(kind))
+    if allowed is None:
+        raise _invalid('thinking.type must be "enabled" or "disabled"')
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise _invalid(f"thinking of type {kind!r} does not take {unknown[0][:40]!r}")
+    budget = value.get("budget_tokens")
+    if budget is not None:
+        if not _is_int(budget):
+            raise _wrong_type("thinking.budget_tokens must be an integer")
+        if budget < MIN_THINKING_BUDGET:
+            raise _invalid(f"thinking.budget_tokens must be at least {MIN_THINKING_BUDGET}")
+    return dict(value)
+
+
+Thinking = Annotated[
+    dict[str, Any] | None,
+    PlainValidator(
+        _check_thinking, json_schema_input_type=ThinkingEnabled | ThinkingDisabled | None
+    ),
+]
+
+
+def not_both(a: str, b: str) -> dict[str, Any]:
+    """A request-schema condition: `a` and `b` are not both given (not null)."""
+    given = {"not": {"type": "null"}}
+    return {"not": {"required": [a, b], "properties": {a: given, b: given}}}

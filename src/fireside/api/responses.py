@@ -22,7 +22,7 @@ from typing_extensions import TypedDict
 
 from fireside.api.logprobs import ContentLogprobs, LegacyLogprobs
 from fireside.api.scalars import Count, PositiveCount, Seconds, TokenId
-from fireside.engine.types import FinishReason
+from fireside.engine.types import FinishReason, SpeculationCounts
 
 CompletionId = Annotated[str, Field(pattern="^cmpl-[0-9a-f]{32}$")]
 FinishReasonName = Literal["stop", "length"]
@@ -35,8 +35,8 @@ FINISH_REASON_NAMES: dict[FinishReason, FinishReasonName] = {
 PERF_HEADER_PREFIX = "fireworks-"
 
 
-def new_completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
+def new_completion_id(prefix: str = "cmpl-") -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 class _PromptTokensDetails(TypedDict):
@@ -58,9 +58,20 @@ PerfMetrics = TypedDict(
         "cached-prompt-tokens": Count,
         "server-time-to-first-token": Seconds,
         "server-processing-time": Seconds,
+        "speculation-prompt-tokens": Count,
+        "speculation-prompt-matched-tokens": Count,
+        "speculation-generated-tokens": Count,
+        "speculation-accepted-tokens": Count,
     },
 )
-PerfMetrics.__doc__ = "Times are seconds since the request reached the server."
+PerfMetrics.__doc__ = (
+    "Times are seconds since the request reached the server. The speculation counts "
+    "are summed over prompts and samples, each sample being given the prediction: "
+    "`speculation-prompt-tokens` the prediction's tokens, `speculation-prompt-matched-"
+    "tokens` those of them accepted into the output, `speculation-generated-tokens` the "
+    "draft tokens checked (from the prediction and from prompt lookup), "
+    "`speculation-accepted-tokens` those of them accepted."
+)
 
 
 class RawOutput(TypedDict):
@@ -196,7 +207,11 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
 
 
 def perf_metrics_dict(
-    prompt_tokens: int, cached_tokens: int, time_to_first_token_s: float, processing_s: float
+    prompt_tokens: int,
+    cached_tokens: int,
+    time_to_first_token_s: float,
+    processing_s: float,
+    speculation: SpeculationCounts,
 ) -> PerfMetrics:
     """Fireworks' names; the times are seconds since the request reached the server."""
     return {
@@ -204,6 +219,10 @@ def perf_metrics_dict(
         "cached-prompt-tokens": cached_tokens,
         "server-time-to-first-token": round(time_to_first_token_s, 6),
         "server-processing-time": round(processing_s, 6),
+        "speculation-prompt-tokens": speculation.prediction_tokens,
+        "speculation-prompt-matched-tokens": speculation.prediction_matched,
+        "speculation-generated-tokens": speculation.draft_tokens,
+        "speculation-accepted-tokens": speculation.accepted_tokens,
     }
 
 

@@ -29,6 +29,8 @@ from fireside.api.stream_chunks import StreamChunks
 _DISCONNECT_POLL_S = 0.25
 
 IsDisconnected = Callable[[], Awaitable[bool]]
+# What makes a stream's chunks: StreamChunks, or the chat endpoint's (chat.py).
+ChunkFormat = Callable[[CompletionPlan, Choices, ServingCounters], StreamChunks]
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,9 @@ class PlanRunner:
         )
         return CompletionResult(body, perf_metrics)
 
-    async def stream(self, plan: CompletionPlan) -> AsyncIterator[bytes]:
+    async def stream(
+        self, plan: CompletionPlan, chunk_format: ChunkFormat = StreamChunks
+    ) -> AsyncIterator[bytes]:
         """SSE events: text as it comes, then `[DONE]`; usage where `StreamChunks` puts it.
 
         An error after the stream began is an error event, then `[DONE]`. The caller
@@ -93,7 +97,7 @@ class PlanRunner:
         """
         self.counters.add_prompt_tokens(plan.model, plan.num_prompt_tokens)
         choices = Choices(plan)
-        chunks = StreamChunks(plan, choices, self.counters)
+        chunks = chunk_format(plan, choices, self.counters)
         events: asyncio.Queue[OutputEvent] = asyncio.Queue()
         tasks: list[asyncio.Task[None]] = []
         with plan.log.finishing(choices):
@@ -107,7 +111,8 @@ class PlanRunner:
                     await asyncio.sleep(0)  # each task submits its engine request now
                 for prompt in plan.prompts:
                     for choice in choices.start(prompt):
-                        yield chunks.of(choice)
+                        if sse := chunks.of(choice):  # b"": nothing to send
+                            yield sse
                 num_running = len(tasks)
                 deadline = plan.started_at + self.request_timeout_s
                 while num_running:
@@ -126,7 +131,8 @@ class PlanRunner:
                         return
                     prompt, output = event
                     for choice in choices.add(prompt, output):
-                        yield chunks.of(choice)
+                        if sse := chunks.of(choice):
+                            yield sse
                 if plan.options.stream_usage is StreamUsage.SEPARATE:
                     yield chunks.usage()
                 yield SSE_DONE

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from fireside.api.admission import Admission
 from fireside.api.metrics import ServingCounters
-from fireside.api.plan import CompletionPlan
+from fireside.api.plan import Caller, CompletionPlan
 from fireside.api.planning import CompletionPlanner
 from fireside.api.protocol import MAX_N, CompletionRequest
 from fireside.api.request_log import ClientDisconnected
@@ -36,6 +36,7 @@ class CompletionService:
         max_waiting: int,
         request_timeout_s: float,
         include_stop_str_in_output: bool,
+        isolate_cache_per_key: bool,
         counters: ServingCounters | None = None,
         max_prompts: int = MAX_N,
         max_total_tokens: int = MAX_TOTAL_TOKENS,
@@ -51,12 +52,15 @@ class CompletionService:
             max_image_bytes=max_image_bytes,
             max_prompts=max_prompts,
             max_total_tokens=max_total_tokens,
+            isolate_cache_per_key=isolate_cache_per_key,
         )
         self.runner = PlanRunner(self.counters, request_timeout_s)
 
-    async def prepare(self, request: CompletionRequest) -> CompletionPlan:
+    async def prepare(
+        self, request: CompletionRequest, caller: Caller | None = None
+    ) -> CompletionPlan:
         """Check everything a client could get wrong; raises `APIError`, submits nothing."""
-        return await self.planner.prepare(request)
+        return await self.planner.prepare(request, caller)
 
     async def complete(
         self, plan: CompletionPlan, is_disconnected: IsDisconnected | None = None

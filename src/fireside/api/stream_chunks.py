@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fireside.api.choices import Choices
 from fireside.api.metrics import ServingCounters
 from fireside.api.plan import CompletionPlan
@@ -22,15 +24,16 @@ class StreamChunks:
     """
 
     def __init__(self, plan: CompletionPlan, choices: Choices, counters: ServingCounters):
-        self._plan = plan
+        self._plan = plan  # the chat endpoint's subclass (chat.py) reads it too
         self._choices = choices
         self._counters = counters
         self._num_finished = 0
 
     def of(self, choice: CompletionChunkChoice) -> bytes:
-        """The event of one choice's chunk; counts the choice when it finishes it."""
+        """The event of one choice's chunk (b"" when it has nothing to say: a subclass's
+        choice); counts the choice when it finishes it."""
         plan, options = self._plan, self._plan.options
-        body = chunk_dict(plan.cmpl_id, plan.created, plan.model, [choice])
+        body = self.body([choice])
         if choice["finish_reason"] is not None:
             self._counters.add_success(plan.model, choice["finish_reason"])
             self._num_finished += 1
@@ -44,10 +47,16 @@ class StreamChunks:
             body["perf_metrics"] = self._choices.perf_metrics()
         return sse_event(body)
 
+    def body(self, choices: list[CompletionChunkChoice]) -> dict[str, Any]:
+        """A chunk with these choices, before usage: the completions shape here, the
+        chat shape in chat.py's subclass."""
+        plan = self._plan
+        return dict(chunk_dict(plan.cmpl_id, plan.created, plan.model, choices))
+
     def usage(self) -> bytes:
         """OpenAI's final chunk: no choices, the request's usage."""
         plan = self._plan
-        body = chunk_dict(plan.cmpl_id, plan.created, plan.model, [])
+        body = self.body([])
         body["usage"] = self._choices.usage()
         if plan.options.perf_metrics:
             body["perf_metrics"] = self._choices.perf_metrics()

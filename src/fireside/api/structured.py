@@ -2,7 +2,9 @@
 
 The shapes (docs/api.md) are the TypedDicts below: `grammar_spec` takes the keys
 each type allows from them, and `/openapi.json` documents them, so the two
-agree. A schema may be an object or a JSON string. Objects that list properties
+agree. The SDK's `ResponseFormat` is one flat object whose every key is optional
+and nullable, so each shape also allows the other types' keys as null (not
+given). A schema may be an object or a JSON string. Objects that list properties
 are closed to other keys unless the schema says otherwise, as on the hosted API.
 """
 
@@ -30,6 +32,9 @@ SchemaValue = Annotated[
 @with_config(ConfigDict(extra="forbid"))
 class ResponseFormatText(TypedDict):
     type: Literal["text"]
+    grammar: NotRequired[None]
+    json_schema: NotRequired[None]
+    schema: NotRequired[None]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -38,20 +43,64 @@ class ResponseFormatJsonObject(TypedDict):
 
     type: Literal["json_object"]
     schema: NotRequired[SchemaValue]
+    grammar: NotRequired[None]
+    json_schema: NotRequired[None]
 
 
 @with_config(ConfigDict(extra="ignore"))  # open: only `schema` is read
 class _JsonSchema(TypedDict, total=False):
-    name: str
-    description: str
-    schema: SchemaValue
+    # Nullable like every key of the SDK's flat ResponseFormat: null is "not given".
+    name: str | None
+    description: str | None
+    schema: SchemaValue | None
     strict: bool | None
 
 
-@with_config(ConfigDict(extra="forbid"))
+_GIVEN: dict[str, Any] = {"not": {"type": "null"}}
+# A `json_schema` object that is a schema itself: no `schema` key, and some key that
+# OpenAI's object does not have (grammar_spec reads it so).
+_BARE_SCHEMA: dict[str, Any] = {
+    "allOf": [
+        {"not": {"required": ["schema"]}},
+        {"not": {"propertyNames": {"enum": ["name", "description", "schema", "strict"]}}},
+    ]
+}
+
+
+@with_config(
+    ConfigDict(
+        extra="forbid",
+        # Exactly one of `json_schema` and `schema`, not null.
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["json_schema"], "properties": {"json_schema": _GIVEN}},
+                {"required": ["schema"], "properties": {"schema": _GIVEN}},
+            ]
+        },
+    )
+)
 class ResponseFormatJsonSchema(TypedDict):
+    """JSON matching a schema: OpenAI's `json_schema` object (`name`, `schema`, ...),
+    or the schema itself there or in `schema`; any of them may be a JSON string."""
+
     type: Literal["json_schema"]
-    json_schema: _JsonSchema
+    json_schema: NotRequired[
+        Annotated[
+            _JsonSchema
+            | Annotated[dict[str, Any], Field(json_schema_extra=_BARE_SCHEMA)]
+            | Annotated[str, Field(json_schema_extra={"contentMediaType": "application/json"})]
+            | None,
+            Field(
+                description=(
+                    "OpenAI's object with the schema under `schema`, or a JSON schema "
+                    "itself (an object with none of `schema`, `name`, `description`, "
+                    "`strict` is taken as the schema); either as a JSON string too."
+                )
+            ),
+        ]
+    ]
+    schema: NotRequired[SchemaValue]
+    grammar: NotRequired[None]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -60,6 +109,8 @@ class ResponseFormatGrammar(TypedDict):
 
     type: Literal["grammar"]
     grammar: Annotated[str, Field(pattern=r"\S")]
+    json_schema: NotRequired[None]
+    schema: NotRequired[None]
 
 
 ResponseFormat = (
@@ -84,11 +135,14 @@ class _DocumentedAs:
 ResponseFormatField = Annotated[dict[str, Any] | None, _DocumentedAs(ResponseFormat | None)]
 
 _PARAM = "response_format"
-# Each type's allowed keys, from its shape.
+# Each type's keys that take a value, from its shape (the others may only be null).
 _KEYS: dict[str, frozenset[str]] = {
-    get_args(get_type_hints(shape)["type"])[0]: shape.__required_keys__ | shape.__optional_keys__
+    get_args(hints["type"])[0]: frozenset(k for k, t in hints.items() if t is not type(None))
     for shape in get_args(ResponseFormat)
+    for hints in [get_type_hints(shape)]
 }
+# The keys of OpenAI's `json_schema` object; an object with none of them is a schema.
+_WRAPPER_KEYS = frozenset(_JsonSchema.__optional_keys__)
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
 # Keywords whose value is a schema, a list of schemas, or a map of name -> schema.
 _SCHEMA_KEYS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
@@ -100,6 +154,8 @@ def grammar_spec(response_format: dict[str, Any] | None) -> GrammarSpec | None:
     """The constraint a response_format asks for (None for free text); 400 if malformed."""
     if response_format is None:
         return None
+    # Null is "not given", for these keys as for the request's.
+    response_format = {k: v for k, v in response_format.items() if v is not None}
     kind = response_format.get("type")
     if kind not in _KEYS:
         raise _bad(f"response_format.type must be one of {', '.join(_KEYS)}")
@@ -117,13 +173,28 @@ def grammar_spec(response_format: dict[str, Any] | None) -> GrammarSpec | None:
         raw = response_format.get("schema")
         schema = _ANY_OBJECT if raw is None else _load_schema(raw, "response_format.schema")
     else:
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict):
-            raise _bad("response_format.json_schema must be an object with a `schema`")
+        schema = _json_schema_of(response_format)
+    return GrammarSpec("json_schema", json.dumps(close_objects(schema)))
+
+
+def _json_schema_of(response_format: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a `json_schema` response_format, wherever the SDK lets it be."""
+    if "schema" in response_format:
+        if "json_schema" in response_format:
+            raise _bad("response_format takes `json_schema` or `schema`, not both")
+        return _load_schema(response_format["schema"], "response_format.schema")
+    if "json_schema" not in response_format:
+        raise _bad("response_format of type 'json_schema' needs `json_schema` or `schema`")
+    spec = _load_schema(response_format["json_schema"], "response_format.json_schema")
+    if "schema" in spec or set(spec) <= _WRAPPER_KEYS:  # OpenAI's object around it
+        spec = {k: v for k, v in spec.items() if v is not None}
+        for key, kind in (("name", str), ("description", str), ("strict", bool)):
+            if key in spec and not isinstance(spec[key], kind):
+                raise _bad(f"response_format.json_schema.{key} must be a {kind.__name__}")
         raw = spec.get("schema")
         where = "response_format.json_schema.schema"
-        schema = _ANY_OBJECT if raw is None else _load_schema(raw, where)
-    return GrammarSpec("json_schema", json.dumps(close_objects(schema)))
+        return _ANY_OBJECT if raw is None else _load_schema(raw, where)
+    return spec  # the schema itself
 
 
 def close_objects(schema: Any) -> Any:

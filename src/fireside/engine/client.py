@@ -33,9 +33,12 @@ class EngineClient(Protocol):
         """False while loading and after the engine thread died."""
         ...
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of a prompt string, special tokens parsed; with `add_special`, the
-        model's BOS if it uses one."""
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of a prompt string; with `add_special`, the model's BOS if it uses
+        one; with `parse_special` (the default), control-token text is the control
+        token, else plain text (chat's `safe_tokenization`)."""
         ...
 
     def tokenizer_info(self) -> TokenizerInfo:

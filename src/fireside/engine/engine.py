@@ -17,6 +17,7 @@ from fireside.engine.core import EngineCore
 from fireside.engine.grammar import Grammars
 from fireside.engine.request import OutputSink
 from fireside.engine.scheduler import MAX_SCORED_ROWS, MIN_CACHE_HIT, Scheduler, SchedulerConfig
+from fireside.engine.speculation import MAX_DRAFT, SpeculationConfig
 from fireside.engine.types import (
     EngineRequest,
     EngineStats,
@@ -35,6 +36,8 @@ class EngineConfig:
     token_budget: int  # tokens per step, at most the runner's n_batch; `--batch-size`
     cache_entries: int  # finished sequences kept in the prefix cache, 0: off; `--prefix-cache`
     prefill_chunk: int  # prompt tokens per step while streams are decoding; `--prefill-chunk`
+    speculate_auto: bool  # prompt-lookup drafts for every request; `--speculate auto`
+    speculate_max_running: int  # ... only while at most this many run; `--speculate-max-running`
 
 
 def scheduler_config(config: EngineConfig, runner: Runner) -> SchedulerConfig:
@@ -85,7 +88,14 @@ class Engine:
         self.runner = runner
         self.config = config
         self.grammars = Grammars(runner.grammar_tokenizer, num_threads=runner.n_threads)
-        self.core = EngineCore(runner, scheduler_config(config, runner), self.grammars, publish)
+        speculation = SpeculationConfig(
+            auto=config.speculate_auto,
+            auto_max_running=config.speculate_max_running,
+            max_draft=MAX_DRAFT,
+        )
+        self.core = EngineCore(
+            runner, scheduler_config(config, runner), self.grammars, publish, speculation
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -127,8 +137,10 @@ class Engine:
         """Make the engine thread fail at its next step (tests of failure handling)."""
         self.core.crash_for_test()
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        return self.runner.tokenize(text, add_special)
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        return self.runner.tokenize(text, add_special, parse_special)
 
     def tokenizer_info(self) -> TokenizerInfo:
         return self.runner.tokenizer_info()

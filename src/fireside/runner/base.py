@@ -142,9 +142,12 @@ class Runner(Protocol):
         the first constrained request, so it may be slow); None when there is none."""
         ...
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of text, special tokens parsed; with `add_special`, BOS (and EOS)
-        added if the model uses them."""
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
+        """Token ids of text; with `add_special`, BOS (and EOS) added if the model uses
+        them; with `parse_special`, control-token text (`<|im_start|>`) is that token,
+        else plain text."""
         ...
 
     def tokenizer_info(self) -> TokenizerInfo:

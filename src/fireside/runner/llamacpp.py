@@ -197,16 +197,20 @@ class LlamaCppRunner:
     def is_eog(self, token: int) -> bool:
         return bool(self._eog[token])
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(
+        self, text: str, add_special: bool = True, parse_special: bool = True
+    ) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 2
         buf = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special, True)
+        n = llama_cpp.llama_tokenize(
+            self._vocab, data, len(data), buf, capacity, add_special, parse_special
+        )
         if n < 0:
             capacity = -n
             buf = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(
-                self._vocab, data, len(data), buf, capacity, add_special, True
+                self._vocab, data, len(data), buf, capacity, add_special, parse_special
             )
         return list(buf[:n])
 
@@ -265,6 +269,11 @@ class LlamaCppRunner:
 
     def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq_id, start, end)
+
+    def seq_end(self, seq_id: int) -> int:
+        """One past the last position llama.cpp holds for the sequence (0 when empty):
+        what tests compare the engine's ledger with."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)) + 1
 
     def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
         llama_cpp.llama_memory_seq_cp(self._mem, src, dst, start, end)
