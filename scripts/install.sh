@@ -7,7 +7,8 @@
 # crash in ggml_backend_amx_mul_mat on the first batch of more than one token on
 # the virtual machines this project runs on, so the build leaves AMX out; AVX-512
 # and VNNI stay. A wheel built before (pip's cache, another machine) is checked by
-# decoding a short batch in a child process, and rebuilt once if that crashes.
+# decoding a short batch in a child process; if that crashes, the wheel leaves pip's
+# cache and is built again (then cached: later installs are fast again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -19,8 +20,9 @@ fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e ".${extras:+[$extras]}"
 if ! .venv/bin/python scripts/check_llama.py; then
-    echo "llama.cpp crashed on a test batch; rebuilding llama-cpp-python without pip's cache" >&2
+    echo "llama.cpp crashed on a test batch; rebuilding llama-cpp-python" >&2
     version=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
-    .venv/bin/pip install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==${version}"
+    .venv/bin/pip cache remove 'llama_cpp_python*' >/dev/null 2>&1 || true
+    .venv/bin/pip install -q --force-reinstall --no-deps "llama-cpp-python==${version}"
     .venv/bin/python scripts/check_llama.py
 fi
