@@ -7,7 +7,7 @@ prompt length, and resident memory against concurrency (issue 13).
 
 For each server kind, one fresh server per point (cold caches), `fireside bench`
 with unique prompts and 128 tokens out (ignore_eos): the concurrency sweep with
-~200-token prompts and 2 x concurrency requests (at least 4), the prompt-length
+~200-token prompts and as many requests as streams (at least 4), the prompt-length
 sweep at concurrency 4 with 8 requests. Resident memory is the server process's
 peak VmHWM (from /proc) after the point. llama-server is the one
 compare_llama_server.py builds (skipped, with a note, when it is not built: pass
@@ -42,7 +42,7 @@ class Point:
 
 def points(concurrencies: list[int], lengths: list[int]) -> list[Point]:
     out = [
-        Point("concurrency", c, Workload(concurrency=c, requests=max(4, 2 * c), prompt_tokens=200))
+        Point("concurrency", c, Workload(concurrency=c, requests=max(4, c), prompt_tokens=200))
         for c in concurrencies
     ]
     out += [
