@@ -95,7 +95,7 @@ def raw_decode(model: str, threads: int, w: Workload) -> dict:
     runner = LlamaCppRunner(
         LlamaCppConfig(
             path,
-            n_ctx=served.ctx_size,
+            n_ctx=RAW_CTX,  # the cells the served engine gets here (start)
             n_batch=served.batch_size,
             n_seq_max=w.requests,
             n_threads=threads,
@@ -159,8 +159,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RAW_CTX = 16384
+
+
 def start(
-    kind: str, model: str, threads: int, parallel: int, ctx: int = 16384
+    kind: str,
+    model: str,
+    threads: int,
+    parallel: int,
+    ctx: int = RAW_CTX,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str]:
     """A fresh server; `ctx` KV cells in all (llama-server splits them among its slots)."""
     port = free_port()
@@ -206,6 +214,7 @@ def start(
             "bench",
             "--log-level",
             "warning",
+            *extra,
         ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -232,8 +241,8 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def measure(kind: str, model: str, threads: int, w: Workload) -> dict:
-    proc, url = start(kind, model, threads, parallel=max(w.concurrency * w.n, 1))
+def measure(kind: str, model: str, threads: int, w: Workload, extra: tuple[str, ...] = ()) -> dict:
+    proc, url = start(kind, model, threads, parallel=max(w.concurrency * w.n, 1), extra=extra)
     try:
         report = asyncio.run(run(url, "bench", w))
     finally:
@@ -272,7 +281,9 @@ def main() -> int:
                 if kind == "raw":
                     summary = raw_decode(model, a.threads, w)
                 else:
-                    summary = measure(kind, model, a.threads, w)
+                    # W5 compares the engine with the raw loop, which has no drafts.
+                    extra = ("--speculate", "off") if key == "W5" else ()
+                    summary = measure(kind, model, a.threads, w, extra)
                     if key == "W5":
                         total = summary["prompt_tokens"] + summary["completion_tokens"]
                         summary["total_tok_s"] = round(total / summary["wall_s"], 1)
