@@ -19,33 +19,15 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
-import time
 
 import httpx
-from compare_llama_server import free_port, stop  # same folder
+from compare_llama_server import start, stop  # same folder
 
 from fireside.bench import Workload, run
 from fireside.models import default_model_path
 
 MODEL = "bench"
-
-
-def start(threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "fireside", "serve", "--model", f"{MODEL}={default_model_path()}"]
-    cmd += ["--port", str(port), "--threads", str(threads), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not start")
 
 
 def rendered(url: str, texts: list[str]) -> list[str]:
@@ -72,7 +54,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    proc, url = start(args.threads)
+    proc, url = start("fireside-same-file", str(default_model_path()), args.threads, 16)
     results: dict[str, list[dict]] = {}
     try:
         for concurrency, requests in ((1, 8), (16, 32)):

@@ -170,7 +170,8 @@ def start(
     ctx: int = RAW_CTX,
     extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str]:
-    """A fresh server; `ctx` KV cells in all (llama-server splits them among its slots)."""
+    """A fresh server; `ctx` KV cells in all (llama-server splits them among its slots),
+    `extra` more flags of the server's own."""
     port = free_port()
     if kind == "llama-server":
         cmd = [
@@ -190,6 +191,7 @@ def start(
             "-np",
             str(parallel),
             "--no-webui",
+            *extra,
         ]
     else:
         weights = "original" if kind == "fireside-same-file" else "auto"

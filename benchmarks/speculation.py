@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from compare_llama_server import free_port, llama_server_binary, stop  # same folder
+from compare_llama_server import start, stop  # same folder
 
 from fireside.models import default_model_path
 
@@ -180,69 +180,13 @@ def open_tasks() -> list[Task]:
 
 
 def start_fireside(threads: int, parallel: int, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "fireside",
-        "serve",
-        "--port",
-        str(port),
-        "--threads",
-        str(threads),
-        "--parallel",
-        str(max(parallel, 16)),
-        "--model-name",
-        MODEL,
-        "--log-level",
-        "warning",
-        *flags,
-    ]
-    return _wait_healthy(subprocess.Popen(cmd, stderr=subprocess.DEVNULL), port, cmd)
+    return start("fireside-same-file", str(default_model_path()), threads, parallel, extra=flags)
 
 
 def start_llama_server(
     threads: int, parallel: int, extra: list[str]
 ) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        llama_server_binary(),
-        "-m",
-        str(default_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
-        "-c",
-        "16384",
-        "-np",
-        str(parallel),
-        "--no-webui",
-        *extra,
-    ]
-    return _wait_healthy(subprocess.Popen(cmd, stderr=subprocess.DEVNULL), port, cmd)
-
-
-def _wait_healthy(
-    proc: subprocess.Popen, port: int, cmd: list[str]
-) -> tuple[subprocess.Popen, str]:
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {shlex.join(cmd)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"not healthy: {shlex.join(cmd)}")
+    return start("llama-server", str(default_model_path()), threads, parallel, extra=tuple(extra))
 
 
 # --- one case

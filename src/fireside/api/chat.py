@@ -113,9 +113,8 @@ class ChatPlanner:
         grammar = self._grammar(request, tools, choice) if parses_calls else None
         if parses_calls and request.echo:
             raise APIError.invalid("`echo` is not supported with tools", "echo")
-        conversation = _conversation(
-            request, engine, tool_text=parses_calls and not template.takes_tools
-        )
+        described = tools if parses_calls and not template.takes_tools else None
+        conversation = _conversation(request, engine, described)
         if conversation.image_urls and request.safe_tokenization:
             raise APIError.invalid(
                 "`safe_tokenization` is not supported with images", "safe_tokenization"
@@ -221,11 +220,14 @@ def _tools_and_choice(request: ChatCompletionRequest) -> tuple[list[dict[str, An
 
 
 def _conversation(
-    request: ChatCompletionRequest, engine: EngineClient, *, tool_text: bool
+    request: ChatCompletionRequest,
+    engine: EngineClient,
+    described: list[dict[str, Any]] | None,
 ) -> _Conversation:
-    """The messages as the template gets them. `tool_text`: the template does not take
-    tools, so the tools are described in the system message and earlier calls and
-    results are written as text in the format the model is asked to use."""
+    """The messages as the template gets them. `described`: tools for a template that
+    does not take them, so they are described in the system message and earlier calls
+    and results are written as text in the format the model is asked to use."""
+    tool_text = described is not None
     conversation = _Conversation([])
     call_ids: set[str] = set()
     for i, message in enumerate(request.messages):
@@ -264,8 +266,8 @@ def _conversation(
             else:
                 out["tool_calls"] = [_template_call(c) for c in calls]
         conversation.messages.append(out)
-    if tool_text:
-        _add_tools_text(conversation.messages, request)
+    if described is not None:
+        _add_tools_text(conversation.messages, described)
     return conversation
 
 
@@ -312,9 +314,8 @@ def _template_call(call: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _add_tools_text(messages: list[dict[str, Any]], request: ChatCompletionRequest) -> None:
+def _add_tools_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> None:
     """The tools' description at the end of the system message (a new one if none)."""
-    tools, _ = _tools_and_choice(request)
     text = tools_system_text(tools)
     if messages and messages[0]["role"] == "system":
         first = messages[0]
