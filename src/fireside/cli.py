@@ -96,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:
         parser.error("; ".join(problems))
     logs.configure(config.log_level)
+    if config.replicas:
+        return _serve_cluster(config)
     from fireside.api.chat_template import ChatTemplateError
     from fireside.runner.base import LoadError
     from fireside.server import serve  # heavy imports only once arguments are fine
@@ -105,3 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoadError, ChatTemplateError) as exc:
         log.error("%s", exc)
         return 1
+
+
+def _serve_cluster(config: ServeConfig) -> int:
+    try:
+        from fireside.cluster.launch import serve_cluster
+    except ImportError as exc:
+        log.error("--replicas needs Ray Serve: pip install 'fireside[ray]' (%s)", exc)
+        return 1
+    return serve_cluster(config)

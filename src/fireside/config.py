@@ -241,6 +241,31 @@ class ServeConfig:
         low=1,
         high=MAX_SEQUENCES,
     )
+    # Cluster mode (issue 16; `pip install 'fireside[ray]'`): the same server with the
+    # engine in N Ray Serve replicas and the HTTP API in front of them.
+    replicas: int = setting(
+        0,
+        "--replicas",
+        "run under Ray Serve with this many engine replicas (each with --threads "
+        "threads and its own KV cache) behind one HTTP ingress; 0: one process, no Ray",
+        metavar="N",
+        low=0,
+    )
+    ray_address: str | None = setting(
+        None,
+        "--ray-address",
+        "with --replicas, the Ray cluster to join (ray start's address, e.g. "
+        "HOST:6379); without it, a local Ray instance is started",
+        metavar="ADDR",
+    )
+    router: str = setting(
+        "prefix",
+        "--router",
+        "with --replicas, how requests pick a replica: prefix sends a prompt to the "
+        "replica holding its longest cached prefix (or its prompt_cache_key/user), "
+        "least loaded otherwise; pow2: Ray Serve's own (the power of two choices)",
+        choices=("prefix", "pow2"),
+    )
     log_level: str = setting(
         "info",
         "--log-level",
@@ -264,7 +289,21 @@ class ServeConfig:
         ]
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             missing.append(f"--chat-template {self.chat_template}: no such file")
-        return missing + bounds
+        return missing + bounds + self._cluster_problems(len(specs))
+
+    def _cluster_problems(self, num_models: int) -> list[str]:
+        if not self.replicas:
+            return [
+                f"{flag} needs --replicas"
+                for flag, value in (("--ray-address", self.ray_address),)
+                if value
+            ]
+        problems = []
+        if num_models > 1:
+            problems.append("--replicas serves one --model (run one cluster app per model)")
+        if self.mmproj:
+            problems.append("--mmproj is not available with --replicas (images stay local)")
+        return problems
 
 
 def _out_of_bounds(config: ServeConfig, field: dataclasses.Field[Any]) -> str | None:

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -19,6 +20,7 @@ from fireside.api.chat_template import ChatTemplate, load_chat_template
 from fireside.api.protocol import MAX_N
 from fireside.api.status import StatusCounter
 from fireside.config import MAX_SEQUENCES, ServeConfig
+from fireside.engine.client import EngineClient
 from fireside.engine.engine import Engine, EngineConfig
 from fireside.models import ModelSpec, resolve_aliases, resolve_models
 from fireside.runner import weights
@@ -165,17 +167,24 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
     return Engine(runner, engine_config(config))
 
 
-def serve(config: ServeConfig) -> int:
-    template = None
-    if config.chat_template is not None:  # checked before the models load: fail fast
-        template = load_chat_template(config.chat_template)
-        ChatTemplate(template, bos_token="", eos_token="")
-    specs = resolve_models(config.models, config.model_name, config.mmproj)
-    aliases = resolve_aliases(config.aliases, specs)
-    engines: dict[str, Engine] = {}
-    for spec in specs:  # each model has its own engine (and its own llama.cpp threads)
-        engines[spec.name] = build_engine(config, spec)
-        engines[spec.name].start()
+def check_chat_template(config: ServeConfig) -> str | None:
+    """The --chat-template file's template, checked before any model loads (fail fast)."""
+    if config.chat_template is None:
+        return None
+    template = load_chat_template(config.chat_template)
+    ChatTemplate(template, bos_token="", eos_token="")
+    return template
+
+
+def build_app(
+    config: ServeConfig,
+    engines: Mapping[str, EngineClient],
+    aliases: Mapping[str, str],
+    template: str | None,
+) -> tuple[FastAPI, StatusCounter]:
+    """The API for these engines (`aliases`: alias -> model name): the FastAPI app, and
+    the ASGI app to serve (it counts responses by status). The cluster's ingress builds
+    the same app over its replicas."""
     created = int(time.time())
     models = [
         ModelInfo(name, e.context_length, created, vision=e.supports_images)
@@ -206,9 +215,21 @@ def serve(config: ServeConfig) -> int:
     )
     for alias, target in aliases.items():
         log.info("model %s: also served as %s", target, alias)
+    return app, StatusCounter(app, service.counters.responses)
+
+
+def serve(config: ServeConfig) -> int:
+    template = check_chat_template(config)
+    specs = resolve_models(config.models, config.model_name, config.mmproj)
+    aliases = resolve_aliases(config.aliases, specs)
+    engines: dict[str, Engine] = {}
+    for spec in specs:  # each model has its own engine (and its own llama.cpp threads)
+        engines[spec.name] = build_engine(config, spec)
+        engines[spec.name].start()
+    app, asgi_app = build_app(config, engines, aliases, template)
     server = _Server(
         uvicorn.Config(
-            StatusCounter(app, service.counters.responses),
+            asgi_app,
             host=config.host,
             port=config.port,
             log_config=None,  # uvicorn logs through ours (fireside.logs), in one format

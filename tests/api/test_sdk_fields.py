@@ -195,8 +195,11 @@ def test_only_the_priority_tier_is_priority(client, engine, tier, priority):
     assert engine_request(client, engine, service_tier=tier).priority is priority
 
 
-def test_prompt_cache_key_is_the_engine_requests_cache_key(client, engine):
-    assert engine_request(client, engine, prompt_cache_key="session-7").cache_key == "session-7"
+def test_prompt_cache_key_then_user_is_the_engine_requests_cache_key(client, engine):
+    assert engine_request(client, engine, prompt_cache_key="session-7").cache_key == "key:session-7"
+    both = engine_request(client, engine, prompt_cache_key="s", user="u-1")
+    assert both.cache_key == "key:s"  # prompt_cache_key wins over user, as the hosted API says
+    assert engine_request(client, engine, user="u-1").cache_key == "user:u-1"
     assert engine_request(client, engine).cache_key is None
 
 

@@ -172,7 +172,7 @@ class CompletionPlanner:
             queue_hold=self.admission.hold(request.model, num_engine_requests),
             log=log,
             cache_isolation_key=self._isolation_key(request, caller),
-            cache_key=request.prompt_cache_key,
+            cache_key=affinity_key(request.prompt_cache_key, request.user),
             priority=request.is_priority,
         )
         log.start(len(prompts), plan.n, request.user)
@@ -278,3 +278,13 @@ def _echo_text(
         return engine.detokenize(token_ids[-num_echo_tokens:], special=True)
     # The whole prompt: as sent, since detokenizing need not give the same string back.
     return text if text is not None else engine.detokenize(token_ids, special=True)
+
+
+def affinity_key(prompt_cache_key: str | None, user: str | None) -> str | None:
+    """The key a cluster router keeps a session on one replica by: `prompt_cache_key`,
+    else `user` (the hosted API's precedence); the prefixes keep the two apart."""
+    if prompt_cache_key:
+        return f"key:{prompt_cache_key}"
+    if user:
+        return f"user:{user}"
+    return None

@@ -104,61 +104,16 @@ def _silence_llama_logs() -> None:
     llama_cpp.llama_log_set(_quiet_log_callback, ctypes.c_void_p(0))
 
 
-class LlamaCppRunner:
-    def __init__(
-        self, config: LlamaCppConfig, progress: Callable[[float], None] | None = None
-    ) -> None:
-        init_backend(config.verbose)
-        self.config = config
+class Vocabulary:
+    """A model file's tokenizer: token ids, their bytes, special tokens, the chat
+    template. `LlamaCppRunner` is one; `LlamaCppVocab` is one without weights."""
 
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = config.n_gpu_layers
-        if progress is not None:
-            # Keep the ctypes callback alive for as long as loading lasts.
-            def _on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
-                progress(fraction)
-                return True
+    _model: llama_cpp.llama_model_p
+    _vocab: llama_cpp.llama_vocab_p
 
-            self._progress_cb = llama_cpp.llama_progress_callback(_on_progress)
-            mparams.progress_callback = self._progress_cb
-        model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), mparams)
-        if not model:
-            raise LoadError(f"llama.cpp could not load the model {config.model_path}")
-        self._model = model
-        self._vocab = llama_cpp.llama_model_get_vocab(model)
-
-        n_threads = config.n_threads or available_cores()
-        cparams = llama_cpp.llama_context_default_params()
-        n_ctx, n_batch = context_shape(config)
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch  # one ubatch per call: a failed call leaves no partial state
-        cparams.n_seq_max = config.n_seq_max
-        cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
-        cparams.kv_unified = config.kv_unified
-        cparams.no_perf = True
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if config.flash_attn
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        ctx = llama_cpp.llama_init_from_model(model, cparams)
-        if not ctx:
-            llama_cpp.llama_model_free(model)
-            raise LoadError(
-                f"llama.cpp could not create a context of {n_ctx} KV cells "
-                "(--ctx-size; not enough memory?)"
-            )
-        self._ctx = ctx
-        self._mem = llama_cpp.llama_get_memory(ctx)
-
-        self.n_threads = n_threads
+    def _read_vocabulary(self) -> None:
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
-        self.n_batch = llama_cpp.llama_n_batch(ctx)
-        self.n_seq_max = llama_cpp.llama_n_seq_max(ctx)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self._pieces = [self._piece(t) for t in range(self.vocab_size)]
         # Control tokens render empty in generated text and as their text in an echo.
@@ -170,18 +125,6 @@ class LlamaCppRunner:
         self._eog = np.array(
             [bool(llama_cpp.llama_vocab_is_eog(self._vocab, t)) for t in range(self.vocab_size)]
         )
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._token_view = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
-        self._pos_view = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
-        self._nseq_view = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
-        self._logits_view = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
-        self._nseq_view[:] = 1
-        self._seq_slot = [self._batch.seq_id[i] for i in range(self.n_batch)]
-        self.media: MtmdMedia | None = None
-        if config.mmproj_path is not None:
-            self.media = MtmdMedia(config.mmproj_path, model, ctx, n_threads, self.n_batch)
-
-    # -- model facts -------------------------------------------------------
 
     def _piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -242,6 +185,94 @@ class LlamaCppRunner:
         # Negative ids are image positions (runner.media): they render as nothing.
         data = b"".join(self.token_bytes(t, special) for t in token_ids if t >= 0)
         return data.decode("utf-8", "replace")
+
+
+class LlamaCppVocab(Vocabulary):
+    """Only the vocabulary of a model file (llama.cpp's `vocab_only` load: no weights
+    read, no context): what a cluster's HTTP ingress needs to tokenize and validate
+    requests and compile grammars, while the replicas hold the model."""
+
+    def __init__(self, model_path: str) -> None:
+        init_backend()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+        if not model:
+            raise LoadError(f"llama.cpp could not load the model {model_path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._read_vocabulary()
+
+    def close(self) -> None:
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None  # type: ignore[assignment]
+
+
+class LlamaCppRunner(Vocabulary):
+    def __init__(
+        self, config: LlamaCppConfig, progress: Callable[[float], None] | None = None
+    ) -> None:
+        init_backend(config.verbose)
+        self.config = config
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = config.n_gpu_layers
+        if progress is not None:
+            # Keep the ctypes callback alive for as long as loading lasts.
+            def _on_progress(fraction: float, _user: ctypes.c_void_p) -> bool:
+                progress(fraction)
+                return True
+
+            self._progress_cb = llama_cpp.llama_progress_callback(_on_progress)
+            mparams.progress_callback = self._progress_cb
+        model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), mparams)
+        if not model:
+            raise LoadError(f"llama.cpp could not load the model {config.model_path}")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+
+        n_threads = config.n_threads or available_cores()
+        cparams = llama_cpp.llama_context_default_params()
+        n_ctx, n_batch = context_shape(config)
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch  # one ubatch per call: a failed call leaves no partial state
+        cparams.n_seq_max = config.n_seq_max
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        cparams.kv_unified = config.kv_unified
+        cparams.no_perf = True
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if config.flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise LoadError(
+                f"llama.cpp could not create a context of {n_ctx} KV cells "
+                "(--ctx-size; not enough memory?)"
+            )
+        self._ctx = ctx
+        self._mem = llama_cpp.llama_get_memory(ctx)
+
+        self.n_threads = n_threads
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_batch = llama_cpp.llama_n_batch(ctx)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(ctx)
+        self._read_vocabulary()
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._token_view = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._pos_view = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._nseq_view = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        self._logits_view = np.ctypeslib.as_array(self._batch.logits, shape=(self.n_batch,))
+        self._nseq_view[:] = 1
+        self._seq_slot = [self._batch.seq_id[i] for i in range(self.n_batch)]
+        self.media: MtmdMedia | None = None
+        if config.mmproj_path is not None:
+            self.media = MtmdMedia(config.mmproj_path, model, ctx, n_threads, self.n_batch)
 
     # -- compute -----------------------------------------------------------
 
