@@ -1,6 +1,7 @@
 """Which batch properties change a sequence's logits (issue 17), with the runner alone.
 
     python benchmarks/batch_invariance.py [--threads 1] [--flash-attn on|off|both]
+                                          [--kv unified|split|both]
 
 One target sequence (a ~100-token prompt, then greedy decode steps) is computed
 in a fresh llama.cpp context alone: the reference. Then the same target is
@@ -17,7 +18,12 @@ reference's, bitwise and as the largest difference of a log-probability:
   before the target's, so the target's cells sit elsewhere in the unified cache;
 - prefix fork: the target's first 64 prompt tokens computed by another sequence
   and shared with `seq_cp`, as the prefix cache and `n` > 1 do;
-- flash attention on against off.
+- KV offset: the target's cells start after S cells of another sequence
+  (S = 8, 32, 64, 256), with no hole;
+- flash attention on against off;
+- `--kv split`: all of it again with llama.cpp's non-unified KV cache, where each
+  sequence id has its own stream of cells, starting at cell 0 (`kv_unified`
+  false; forks across streams copy the whole stream).
 
 Prints a table. Each case runs in a fresh context, so nothing but the property
 differs. Not run by the tests (tests/e2e/test_batch_invariance.py checks the
@@ -59,11 +65,25 @@ def logprobs(row: np.ndarray) -> np.ndarray:
     return x - (np.log(np.exp(x - x.max()).sum()) + x.max())
 
 
+N_SEQ = 80
+SPLIT_CELLS = 512  # cells per sequence id with --kv split
+
+
 class Case:
-    def __init__(self, threads: int, flash_attn: bool) -> None:
+    def __init__(self, threads: int, flash_attn: bool, unified: bool = True) -> None:
+        n_ctx = 4096 if unified else N_SEQ * SPLIT_CELLS
         config = LlamaCppConfig(
-            str(default_model_path()), 4096, 512, 80, threads, flash_attn, None, 0
+            str(default_model_path()),
+            n_ctx,
+            512,
+            N_SEQ,
+            threads,
+            flash_attn,
+            None,
+            0,
+            kv_unified=unified,
         )
+        self.unified = unified
         self.runner = LlamaCppRunner(config)
         self.prompt = self.runner.tokenize(TEXT)
         self.other = self.runner.tokenize(OTHER)
@@ -149,10 +169,23 @@ def kv_hole(c: Case) -> Trace:
     return Trace([first, *c.decode(first)])
 
 
+def kv_offset(cells: int) -> Callable[[Case], Trace]:
+    def run(c: Case) -> Trace:
+        filler = (c.other * (cells // len(c.other) + 1))[:cells]
+        c.prefill([[(t, p, 1, p == cells - 1) for p, t in enumerate(filler)]])
+        first = c.prefill([c.whole_prompt()])
+        return Trace([first, *c.decode(first)])
+
+    return run
+
+
 def prefix_fork(c: Case) -> Trace:
     shared = 64
     c.prefill([[(t, p, 1, p == shared - 1) for p, t in enumerate(c.prompt[:shared])]])
-    c.runner.seq_copy(1, TARGET, 0, shared)
+    if c.unified:
+        c.runner.seq_copy(1, TARGET, 0, shared)
+    else:  # across streams llama.cpp copies whole sequences only
+        c.runner.seq_copy(1, TARGET, -1, -1)
     rest = c.whole_prompt()[shared:]
     first = c.prefill([rest])
     return Trace([first, *c.decode(first)])
@@ -177,8 +210,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flash-attn", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--kv", choices=["unified", "split", "both"], default="unified")
     a = ap.parse_args()
     modes = {"on": [True], "off": [False], "both": [True, False]}[a.flash_attn]
+    kvs = {"unified": [True], "split": [False], "both": [True, False]}[a.kv]
     cases: list[tuple[str, Callable[[Case], Trace]]] = [
         ("same again (control)", reference),
         *[(f"decode rows: +{n} other sequences", with_rows(n)) for n in (1, 3, 7, 15, 31, 63)],
@@ -186,31 +221,36 @@ def main() -> None:
         ("prefill: another prompt after it in the batch", prefill_neighbour(False)),
         *[(f"own prompt in chunks of {n}", own_chunks(n)) for n in (16, 37, 64)],
         ("KV placement: cells after a hole", kv_hole),
+        *[(f"KV offset: cells start after {n} others", kv_offset(n)) for n in (8, 32, 64, 256)],
         ("prefix fork: first 64 tokens via seq_cp", prefix_fork),
     ]
-    print("| flash attn | property | bitwise equal | max dlogprob (top 20) | first argmax flip |")
-    print("|---|---|---|---|---|")
+    print(
+        "| KV | flash attn | property | bitwise equal | max dlogprob (top 20) | first argmax flip |"
+    )
+    print("|---|---|---|---|---|---|")
     refs = {}
-    for fa in modes:
-        c = Case(a.threads, fa)
-        refs[fa] = reference(c)
-        c.close()
-        for name, run in cases:
-            c = Case(a.threads, fa)
-            got = run(c)
+    for unified in kvs:
+        kv = "unified" if unified else "split"
+        for fa in modes:
+            c = Case(a.threads, fa, unified)
+            refs[fa] = reference(c)
             c.close()
-            equal, worst, flip = compare(refs[fa], got)
+            for name, run in cases:
+                c = Case(a.threads, fa, unified)
+                got = run(c)
+                c.close()
+                equal, worst, flip = compare(refs[fa], got)
+                print(
+                    f"| {kv} | {'on' if fa else 'off'} | {name} | {'yes' if equal else 'no'} | "
+                    f"{worst:.2e} | {'-' if flip is None else flip} |",
+                    flush=True,
+                )
+        if len(refs) == 2:
+            equal, worst, flip = compare(refs[True], refs[False])
             print(
-                f"| {'on' if fa else 'off'} | {name} | {'yes' if equal else 'no'} | "
-                f"{worst:.2e} | {'-' if flip is None else flip} |",
-                flush=True,
+                f"| {kv} | on vs off | flash attention itself | {'yes' if equal else 'no'} | "
+                f"{worst:.2e} | {'-' if flip is None else flip} |"
             )
-    if len(refs) == 2:
-        equal, worst, flip = compare(refs[True], refs[False])
-        print(
-            f"| on vs off | flash attention itself | {'yes' if equal else 'no'} | {worst:.2e} | "
-            f"{'-' if flip is None else flip} |"
-        )
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ class Workload:
     requests: int = 32
     prompt_tokens: int = 200  # per request (after the shared prefix, if any)
     shared_prefix_tokens: int = 0
+    prefixes: int = 1  # distinct shared prefixes, one per request in a shuffled order
     output_tokens: int = 128
     n: int = 1
     ignore_eos: bool = True
@@ -73,11 +74,19 @@ class Workload:
         if self.texts:
             return list(self.texts)
         rng = random.Random(self.seed)
-        prefix = " ".join(rng.choice(_WORDS) for _ in range(self.shared_prefix_tokens))
+        prefixes = [
+            " ".join(rng.choice(_WORDS) for _ in range(self.shared_prefix_tokens))
+            for _ in range(max(1, self.prefixes))
+        ]
+        # Each prefix as often as the others, in an order no router can predict.
+        which = [i % len(prefixes) for i in range(self.requests)]
+        if len(prefixes) > 1:
+            rng.shuffle(which)
         out = []
         for i in range(self.requests):
             words = [rng.choice(_WORDS) for _ in range(self.prompt_tokens)]
             tail = f"Request {i}: " + " ".join(words)
+            prefix = prefixes[which[i]]
             out.append(f"{prefix} {tail}" if prefix else tail)
         return out
 
@@ -88,6 +97,7 @@ class _Result:
     gaps: list[float] = field(default_factory=list)  # seconds between token events
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     error: str | None = None
 
 
@@ -116,6 +126,7 @@ class Report:
             "output_tok_s": round(self.output_tokens_per_s, 1),
             "requests_s": round(len(ok) / self.wall, 3),
             "prompt_tokens": sum(r.prompt_tokens for r in ok),
+            "cached_tokens": sum(r.cached_tokens for r in ok),
             "completion_tokens": sum(r.completion_tokens for r in ok),
             "ttft_s": _percentiles(ttfts),
             "itl_ms": {k: round(v * 1000, 1) for k, v in _percentiles(gaps).items()},
@@ -171,6 +182,8 @@ async def _one(client: httpx.AsyncClient, model: str, prompt: str, w: Workload) 
                 if usage:
                     result.completion_tokens = usage.get("completion_tokens", 0)
                     result.prompt_tokens = usage.get("prompt_tokens", 0)
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens") or 0
                 if any(_text_of(c) for c in event.get("choices") or ()):
                     now = time.perf_counter()
                     events += 1
@@ -246,6 +259,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="words every prompt starts with (exercises a prefix cache)",
     )
     parser.add_argument(
+        "--prefixes",
+        type=int,
+        default=d.prefixes,
+        help="distinct shared prefixes (of --shared-prefix-tokens words), each on an "
+        "equal share of the requests in a shuffled order",
+    )
+    parser.add_argument(
         "--output-tokens",
         type=int,
         default=d.output_tokens,
@@ -296,6 +316,7 @@ def main(args: argparse.Namespace) -> int:
         requests=args.requests,
         prompt_tokens=args.prompt_tokens,
         shared_prefix_tokens=args.shared_prefix_tokens,
+        prefixes=args.prefixes,
         output_tokens=args.output_tokens,
         n=args.n,
         ignore_eos=args.ignore_eos,

@@ -151,12 +151,15 @@ def test_prompt_cache_key_keeps_a_session_on_one_replica(client):
 
 
 def test_a_client_that_leaves_frees_its_sequences_on_the_replica(client):
-    body = {"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 400}
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+    # ~60 s of tokens on one thread: back to 0 running within 30 s means it was aborted.
+    body = {"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 2000}
+    with client.stream(
+        "POST", "/v1/completions", json={**body, "stream": True, "ignore_eos": True}
+    ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data: "))
-    deadline = time.time() + 15
+    deadline = time.time() + 30
     while time.time() < deadline:
         text = client.get("/metrics").text
         running = [ln for ln in text.splitlines() if ln.startswith("fireside:num_requests_running")]

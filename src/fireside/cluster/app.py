@@ -327,7 +327,10 @@ def application(config: ServeConfig) -> Application:
     routing: dict[str, Any] = {"request_routing_stats_period_s": REPORT_PERIOD_S}
     if config.router == "prefix":
         routing["request_router_class"] = "fireside.cluster.router:PrefixAwareRouter"
-        routing["request_router_kwargs"] = {"imbalance": config.parallel}
+        # A replica may run a quarter of a batch more than the least loaded one and
+        # still get the prompts whose prefixes it holds; beyond that, waiting there
+        # costs more than recomputing a prefix elsewhere (benchmarks/cluster.py).
+        routing["request_router_kwargs"] = {"imbalance": max(2, config.parallel // 4)}
     # Every request a replica's engine would run or queue itself: continuous batching
     # sees a full batch, and the engine's own queue does the waiting.
     per_replica = config.parallel + config.max_waiting

@@ -8,8 +8,9 @@ and decides from what it already knows, with no call per request:
   running, so an eviction on the replica reaches the router within a report;
 - what the router itself sent where in the last `PREDICTION_TTL_S` (the report
   has not caught up with those yet);
-- load: the requests a replica reported running, plus those the router has sent
-  it since that report (so a burst spreads before the next report arrives).
+- load: the requests the router has sent a replica and that have not completed,
+  counted the moment it chooses (reports arrive seconds late through Serve's
+  controller; a burst must spread before that).
 
 Order of preference: the replica an affinity key (`prompt_cache_key`, else `user`)
 went to before; else the replica holding the longest prefix of the prompt's
@@ -26,6 +27,7 @@ token blocks, keeps its state in the router, and learns evictions from reports.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import weakref
@@ -42,6 +44,8 @@ from ray.serve.request_router import (
 
 from fireside.cluster.prefix import block_hashes, matched_blocks
 from fireside.engine.types import EngineRequest
+
+log = logging.getLogger("fireside.cluster")
 
 # How long the router trusts its own record of where it sent a prefix: a few report
 # periods, after which the replica's report says whether it still holds it.
@@ -63,12 +67,16 @@ class PrefixAwareRouter(RequestRouter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.imbalance = 16
-        # replica -> (the report it counts from, requests routed to it since)
-        self._since: dict[ReplicaID, tuple[int, int]] = {}
+        self._last_matches: dict[str, int] = {}
+        # replica -> requests sent there and not yet completed
+        self._inflight: dict[ReplicaID, int] = {}
+        # a pending request's future -> the replica chosen for it (until Serve says
+        # where it went)
+        self._chosen: dict[asyncio.Future[Any], ReplicaID] = {}
         # replica -> {block hash: when the router sent it there}
         self._sent: dict[ReplicaID, dict[int, float]] = {}
-        # replica -> (the report's list object, its hashes as a set)
-        self._reported: dict[ReplicaID, tuple[int, frozenset[int]]] = {}
+        # replica -> (the report's time, its hashes as a set)
+        self._reported: dict[ReplicaID, tuple[float, frozenset[int]]] = {}
         self._affinity: OrderedDict[str, ReplicaID] = OrderedDict()
         # routing task -> the request it is choosing a replica for (gone with the task)
         self._routing: weakref.WeakKeyDictionary[asyncio.Task[Any], PendingRequest] = (
@@ -77,8 +85,7 @@ class PrefixAwareRouter(RequestRouter):
 
     def initialize_state(self, imbalance: int = 16, **kwargs: Any) -> None:
         """`request_router_kwargs`: `imbalance`, the extra requests in flight a replica
-        may have over the least loaded one and still get its prefixes (default: a
-        batch of --parallel)."""
+        may have over the least loaded one and still get its prefixes."""
         self.imbalance = imbalance
 
     # -- choosing ---------------------------------------------------------
@@ -100,6 +107,19 @@ class PrefixAwareRouter(RequestRouter):
         if request is not None:
             first = self._preferred(request, by_load, loads) or first
             self._remember(first.replica_id, request)  # before the next request is routed
+        if pending_request is not None:  # its load counts now, before the next choice
+            future = pending_request.future
+            self._move(self._chosen.get(future), first.replica_id)
+            self._chosen[future] = first.replica_id
+            for gone in [f for f in self._chosen if f.cancelled()]:  # the caller left
+                self._move(self._chosen.pop(gone), None)
+        log.debug(
+            "route %s: loads %s matches %s -> %s",
+            request.request_id if request is not None else None,
+            {rid.unique_id: n for rid, n in loads.items()},
+            self._last_matches,
+            first.replica_id.unique_id,
+        )
         return [[first]] + [[r] for r in by_load if r is not first]
 
     def _preferred(
@@ -124,30 +144,28 @@ class PrefixAwareRouter(RequestRouter):
             return None
         now = time.monotonic()
         best, best_len = None, 0
+        self._last_matches = {}
         for r in by_load:  # least loaded first: of equal matches, it wins
             n = matched_blocks(hashes, self._held(r), self._recent(r.replica_id, now))
+            self._last_matches[r.replica_id.unique_id] = n
             if n > best_len and fits(r):
                 best, best_len = r, n
         return best
 
-    def _load(self, replica: RunningReplica) -> int:
-        stats = replica.routing_stats or {}
-        since = self._since.get(replica.replica_id)
-        routed = since[1] if since is not None and since[0] == id(stats) else 0
-        return int(stats.get("running", 0)) + routed
-
-    def _count_routed(self, replica_id: ReplicaID) -> None:
-        replica = self._replicas.get(replica_id)
+    @staticmethod
+    def _report_time(replica: RunningReplica | None) -> float:
         stats = (replica.routing_stats if replica is not None else None) or {}
-        since = self._since.get(replica_id)
-        routed = since[1] if since is not None and since[0] == id(stats) else 0
-        self._since[replica_id] = (id(stats), routed + 1)
+        return float(stats.get("at", 0.0))
+
+    def _load(self, replica: RunningReplica) -> int:
+        return self._inflight.get(replica.replica_id, 0)
 
     def _held(self, replica: RunningReplica) -> frozenset[int]:
-        blocks = (replica.routing_stats or {}).get("blocks") or []
+        at = self._report_time(replica)
         cached = self._reported.get(replica.replica_id)
-        if cached is None or cached[0] != id(blocks):
-            cached = (id(blocks), frozenset(blocks))
+        if cached is None or cached[0] != at:
+            blocks = (replica.routing_stats or {}).get("blocks") or []
+            cached = (at, frozenset(blocks))
             self._reported[replica.replica_id] = cached
         return cached[1]
 
@@ -195,15 +213,27 @@ class PrefixAwareRouter(RequestRouter):
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
     ) -> None:
-        self._count_routed(replica_id)
+        self._move(self._chosen.pop(pending_request.future, None), replica_id)
         request = engine_request(pending_request)
         if request is not None:  # the replica Serve really chose (its first one was full?)
             self._remember(replica_id, request)
 
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self._move(replica_id, None)
+
+    def _move(self, src: ReplicaID | None, dst: ReplicaID | None) -> None:
+        """One in-flight request counted at dst instead of src (None: nowhere)."""
+        if src == dst:
+            return
+        if src is not None and self._inflight.get(src, 0) > 0:
+            self._inflight[src] -= 1
+        if dst is not None:
+            self._inflight[dst] = self._inflight.get(dst, 0) + 1
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         alive = {r.replica_id for r in replicas}
-        for state in (self._since, self._sent, self._reported):
+        for state in (self._inflight, self._sent, self._reported):
             for rid in [rid for rid in state if rid not in alive]:
                 del state[rid]
         for key in [k for k, rid in self._affinity.items() if rid not in alive]:
@@ -211,7 +241,7 @@ class PrefixAwareRouter(RequestRouter):
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._since.pop(replica_id, None)
+        self._inflight.pop(replica_id, None)
         self._sent.pop(replica_id, None)
         self._reported.pop(replica_id, None)
         for key in [k for k, rid in self._affinity.items() if rid == replica_id]:
