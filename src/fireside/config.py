@@ -17,6 +17,8 @@ from fireside.models import resolve_aliases, resolve_models
 
 # llama.cpp's LLAMA_MAX_SEQ: the most sequence ids one context may have.
 MAX_SEQUENCES = 256
+# --deterministic: the fewest KV cells one sequence id may have.
+MIN_DETERMINISTIC_CELLS = 512
 
 
 def setting(
@@ -241,6 +243,15 @@ class ServeConfig:
         low=1,
         high=MAX_SEQUENCES,
     )
+    # Issue 17: batch invariance costs what benchmarks/deterministic.py measures, and
+    # KV memory: it stays a choice (docs/api.md, Determinism).
+    deterministic: bool = setting(
+        False,
+        "--deterministic",
+        "batch-invariant decoding: a request's logits, samples and scores are bitwise "
+        "the same whatever else runs (each sequence id gets its own ctx-size / ids KV "
+        "cells; prompts in fixed chunks; no speculative drafts)",
+    )
     # Cluster mode (issue 16; `pip install 'fireside[ray]'`): the same server with the
     # engine in N Ray Serve replicas and the HTTP API in front of them.
     replicas: int = setting(
@@ -289,7 +300,26 @@ class ServeConfig:
         ]
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             missing.append(f"--chat-template {self.chat_template}: no such file")
-        return missing + bounds + self._cluster_problems(len(specs))
+        return missing + bounds + self._cluster_problems(len(specs)) + self._kv_problems()
+
+    def sequence_ids(self) -> int:
+        """llama.cpp sequence ids: one per running sample, plus one per cached prefix."""
+        from fireside.api.protocol import MAX_N
+
+        return min(MAX_SEQUENCES, max(self.parallel, MAX_N) + self.prefix_cache)
+
+    def _kv_problems(self) -> list[str]:
+        if not self.deterministic:
+            return []
+        per_sequence = self.ctx_size // self.sequence_ids()
+        if per_sequence >= MIN_DETERMINISTIC_CELLS:
+            return []
+        need = MIN_DETERMINISTIC_CELLS * self.sequence_ids()
+        return [
+            f"--deterministic gives each of {self.sequence_ids()} sequence ids its own "
+            f"--ctx-size / {self.sequence_ids()} = {per_sequence} KV cells; give "
+            f"--ctx-size {need} or more (or fewer --prefix-cache entries)"
+        ]
 
     def _cluster_problems(self, num_models: int) -> list[str]:
         if not self.replicas:

@@ -17,9 +17,8 @@ from fastapi import FastAPI
 from fireside import logs
 from fireside.api import CompletionService, ModelInfo, create_app
 from fireside.api.chat_template import ChatTemplate, load_chat_template
-from fireside.api.protocol import MAX_N
 from fireside.api.status import StatusCounter
-from fireside.config import MAX_SEQUENCES, ServeConfig
+from fireside.config import ServeConfig
 from fireside.engine.client import EngineClient
 from fireside.engine.engine import Engine, EngineConfig
 from fireside.models import ModelSpec, resolve_aliases, resolve_models
@@ -123,12 +122,12 @@ def runner_config(config: ServeConfig, path: str, mmproj: str | None) -> LlamaCp
         model_path=path,
         n_ctx=config.ctx_size,
         n_batch=config.batch_size,
-        # A sequence id per running sample, plus one per cached prefix.
-        n_seq_max=min(MAX_SEQUENCES, max(config.parallel, MAX_N) + config.prefix_cache),
+        n_seq_max=config.sequence_ids(),
         n_threads=config.threads or available_cores(),
         flash_attn=config.flash_attn,
         mmproj_path=mmproj,
         n_gpu_layers=config.gpu_layers,
+        kv_unified=not config.deterministic,
     )
 
 
@@ -141,6 +140,7 @@ def engine_config(config: ServeConfig) -> EngineConfig:
         prefill_chunk=config.prefill_chunk,
         speculate_auto=config.speculate == "auto",
         speculate_max_running=config.speculate_max_running,
+        deterministic=config.deterministic,
     )
 
 

@@ -152,3 +152,12 @@ def test_completion_service_takes_every_server_setting_explicitly():
     assert defaulted == {"counters", "max_prompts", "max_total_tokens"}
     with pytest.raises(TypeError):
         CompletionService({})
+
+
+def test_deterministic_needs_kv_cells_for_every_sequence_id():
+    from fireside.config import ServeConfig
+
+    problems = ServeConfig(deterministic=True).problems()  # 8,192 cells over 160 ids
+    assert any("--deterministic" in p and "--ctx-size 81920" in p for p in problems), problems
+    assert ServeConfig(deterministic=True, ctx_size=81920).problems() == []
+    assert ServeConfig(ctx_size=8192).problems() == []

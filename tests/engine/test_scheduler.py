@@ -39,6 +39,7 @@ class Harness:
             "cache_cells": 256,
             "prefill_chunk": 64,
             "min_cache_hit": 4,
+            "fixed_chunk": 0,
         }
         settings.update(config)
         self.released: list[tuple[int, int]] = []  # (slot, first position dropped)
@@ -402,3 +403,27 @@ def test_a_running_sample_is_a_prefix_source_only_within_its_isolation_key():
     h.submit("same", prompt(12) + prompt(4, 600), isolation_key="k1")
     assert h.step() == [("a", 0, 20, 1), ("other", 0, 0, 16), ("same", 0, 12, 4)]
     assert h.copies == [(h.slot_of("a"), h.slot_of("same"), 12)]
+
+
+# --- --deterministic: fixed prompt chunks, aligned prefix hits
+
+
+def test_fixed_chunks_end_at_multiples_of_the_chunk_whatever_the_budget_leaves():
+    h = Harness(fixed_chunk=16, token_budget=40, prefill_chunk=40)
+    h.submit("a", prompt(20, 200), max_tokens=30)
+    h.step()
+    h.step()  # "a" decodes now: budget 39 left, 40 for a prompt chunk at most
+    h.submit("b", prompt(50, 300))
+    ran = [c for c in h.step() + h.step() + h.step() + h.step() if c[0] == "b"]
+    starts_and_ends = [(start, start + count) for _, _, start, count in ran]
+    assert starts_and_ends == [(0, 16), (16, 32), (32, 48), (48, 50)]
+
+
+def test_fixed_chunk_prefix_hits_end_on_a_boundary_within_the_source_prompt():
+    h = Harness(fixed_chunk=16, cache_entries=4, token_budget=64, prefill_chunk=64)
+    h.submit("a", prompt(40), max_tokens=8)
+    h.run_until_idle()
+    h.submit("b", prompt(40) + prompt(10, 500))  # shares 40 prompt (+ 8 output) tokens
+    h.step()
+    b = h.requests["b"]
+    assert b.num_cached == 32  # 40 shared prompt tokens, cut to the last 16-boundary

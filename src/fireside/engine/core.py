@@ -64,7 +64,9 @@ class EngineCore:
             release=runner.seq_remove,
             copy=lambda src, dst, length: runner.seq_copy(src, dst, 0, length),
         )
-        self.executor = StepExecutor(runner, grammars, self.stats)
+        # --deterministic: each prompt chunk in a forward call of its own, no drafts.
+        self.deterministic = scheduler_config.fixed_chunk > 0
+        self.executor = StepExecutor(runner, grammars, self.stats, self.deterministic)
         self._cv = threading.Condition()  # guards the inbox, the aborts and the flags
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
@@ -178,7 +180,7 @@ class EngineCore:
         if params.grammar is not None:
             for s in request.samples:
                 s.matcher = self.grammars.matcher(params.grammar)
-        if request.speculation or self.speculation.auto:
+        if (request.speculation or self.speculation.auto) and not self.deterministic:
             for s in request.samples:
                 s.drafter = Drafter(
                     request.speculation,

@@ -38,6 +38,9 @@ class EngineConfig:
     prefill_chunk: int  # prompt tokens per step while streams are decoding; `--prefill-chunk`
     speculate_auto: bool  # prompt-lookup drafts for every request; `--speculate auto`
     speculate_max_running: int  # ... only while at most this many run; `--speculate-max-running`
+    # Batch-invariant steps (`--deterministic`; needs a runner without a unified KV
+    # cache): fixed prompt chunks, each computed alone, no drafts.
+    deterministic: bool
 
 
 def scheduler_config(config: EngineConfig, runner: Runner) -> SchedulerConfig:
@@ -52,6 +55,11 @@ def scheduler_config(config: EngineConfig, runner: Runner) -> SchedulerConfig:
         cache_cells=runner.n_ctx // 4,
         prefill_chunk=config.prefill_chunk,
         min_cache_hit=MIN_CACHE_HIT,
+        fixed_chunk=(
+            min(config.prefill_chunk, config.token_budget, runner.n_batch, MAX_SCORED_ROWS)
+            if config.deterministic
+            else 0
+        ),
     )
 
 
@@ -89,7 +97,7 @@ class Engine:
         self.config = config
         self.grammars = Grammars(runner.grammar_tokenizer, num_threads=runner.n_threads)
         speculation = SpeculationConfig(
-            auto=config.speculate_auto,
+            auto=config.speculate_auto and not config.deterministic,
             auto_max_running=config.speculate_max_running,
             max_draft=MAX_DRAFT,
         )

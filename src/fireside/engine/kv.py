@@ -140,6 +140,7 @@ class CacheEntry:
     tokens: tuple[int, ...]  # the tokens whose KV it holds, from position 0
     last_used: int = 0
     isolation_key: str | None = None  # only requests with the same key may use it
+    num_prompt: int = 0  # of the tokens, those its request computed as prompt
 
 
 class PrefixCache:
@@ -153,16 +154,18 @@ class PrefixCache:
         self.hit_tokens = 0
 
     def lookup(
-        self, tokens: list[int], limit: int, isolation_key: str | None
+        self, tokens: list[int], limit: int, isolation_key: str | None, prompt_only: bool = False
     ) -> tuple[CacheEntry | None, int]:
         """The entry of this isolation key sharing the longest prefix with `tokens`, up
-        to `limit` tokens."""
+        to `limit` tokens (with `prompt_only`, within the entry's prompt)."""
         best: CacheEntry | None = None
         best_len = 0
         for entry in self.entries:
             if entry.isolation_key != isolation_key:
                 continue
-            n = common_prefix(entry.tokens, tokens, limit)
+            n = common_prefix(
+                entry.tokens, tokens, min(limit, entry.num_prompt) if prompt_only else limit
+            )
             if n > best_len:
                 best, best_len = entry, n
         return best, best_len
@@ -183,7 +186,7 @@ class PrefixCache:
         )
 
     def add(
-        self, slot: int, tokens: tuple[int, ...], isolation_key: str | None
+        self, slot: int, tokens: tuple[int, ...], isolation_key: str | None, num_prompt: int = 0
     ) -> list[CacheEntry]:
         """Keep a sequence's KV; returns the entries of the same isolation key it makes
         redundant (now removed)."""
@@ -196,7 +199,7 @@ class PrefixCache:
         ]
         for e in redundant:
             self.entries.remove(e)
-        self.entries.append(CacheEntry(slot, tokens, self._clock, isolation_key))
+        self.entries.append(CacheEntry(slot, tokens, self._clock, isolation_key, num_prompt))
         return redundant
 
     def pop_lru(self) -> CacheEntry | None:

@@ -114,24 +114,30 @@ class KVCache:
         running: Sequence[Sample],
         spans: Sequence[ImageSpan],
         isolation_key: str | None,
+        align: int = 0,
     ) -> PrefixHit | None:
         """The longest computed prefix of `tokens` (at most `limit`) held anywhere that
         `isolation_key` may see: in its prefix-cache entries or in a running sample of
         a request with the same key. None if too short to be worth forking.
 
-        A hit never ends inside one of the prompt's images (`spans`).
+        A hit never ends inside one of the prompt's images (`spans`). With `align`
+        (--deterministic), only cells its source computed as prompt count, and the hit
+        ends on a multiple of `align`: what the prompt's own chunks would compute.
         """
-        entry, best = self.prefix_cache.lookup(tokens, limit, isolation_key)
+        entry, best = self.prefix_cache.lookup(tokens, limit, isolation_key, prompt_only=align > 0)
         src = entry.slot if entry is not None else -1
         for s in running:
             if s.request.cache_isolation_key != isolation_key:
                 continue
-            n = common_prefix(s.tokens, tokens, min(s.num_computed, limit))
+            reach = min(s.num_computed, limit, s.num_prompt if align else limit)
+            n = common_prefix(s.tokens, tokens, reach)
             if n > best:
                 src, best, entry = s.seq_id, n, None
         for span in spans:
             if span.start < best < span.start + span.num_pos:
                 best = span.start
+        if align:
+            best -= best % align
         if best < self._min_prefix:
             return None
         return PrefixHit(src, best, entry)
@@ -164,7 +170,7 @@ class KVCache:
         # The other samples of an n > 1 request share this prompt: one entry is enough.
         if cache.covers(kept[: min(length, num_prompt)], isolation_key):
             return False
-        for redundant in cache.add(slot, kept, isolation_key):
+        for redundant in cache.add(slot, kept, isolation_key, num_prompt):
             self.drop(redundant.slot)
         entry = cache.entries[-1]
         while len(cache.entries) > cache.max_entries or (

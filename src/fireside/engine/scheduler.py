@@ -61,6 +61,10 @@ class SchedulerConfig:
     # between two tokens of every running stream (`--prefill-chunk`; measured: config.py).
     prefill_chunk: int
     min_cache_hit: int  # MIN_CACHE_HIT
+    # --deterministic: prompts computed in chunks ending at multiples of this (from
+    # position 0), never cut shorter by the budget; prefix hits end on such a boundary
+    # within the prompt that computed them. 0: chunks as the budget allows.
+    fixed_chunk: int
 
 
 # What waits for admission: a new request, or a sample preempted after its
@@ -268,6 +272,15 @@ class Scheduler:
             nonlocal budget, scored_rows
             image = None
             want = min(s.num_pending, budget)
+            fixed = self.config.fixed_chunk
+            if fixed:
+                want = min(s.num_pending, fixed - s.num_computed % fixed)
+                if (
+                    want > budget
+                    or want > self._free_cells()
+                    or (s.request.scores_prompt and want > scored_rows)
+                ):
+                    return  # the whole chunk next step: its boundaries never move
             for span in s.request.spans:
                 if span.start == s.num_computed:
                     want = span.num_pos  # an image needs room for all of it
@@ -366,7 +379,12 @@ class Scheduler:
         if limit < self.config.min_cache_hit:
             return None
         return self.kv.find_prefix(
-            sample.tokens, limit, self.running, request.spans, request.cache_isolation_key
+            sample.tokens,
+            limit,
+            self.running,
+            request.spans,
+            request.cache_isolation_key,
+            align=self.config.fixed_chunk,
         )
 
     def _may_start(self, work: Waiting) -> bool:

@@ -34,6 +34,9 @@ from fireside.runner.base import Batch, KVCacheFull, Runner
 log = logging.getLogger("fireside.engine.engine")  # as in core.py
 
 Logits = npt.NDArray[np.float32]
+# --deterministic: decode rows per forward call. Measured bitwise independent of
+# their neighbours up to 64 rows without a unified KV cache (docs/batch_invariance.md).
+MAX_DECODE_ROWS = 64
 
 
 @dataclass
@@ -64,11 +67,18 @@ class StepResult:
 
 
 class StepExecutor:
-    def __init__(self, runner: Runner, grammars: Grammars, stats: EngineStats) -> None:
+    def __init__(
+        self, runner: Runner, grammars: Grammars, stats: EngineStats, split_calls: bool = False
+    ) -> None:
         self.runner = runner
         self.grammars = grammars
         self.stats = stats  # counters this module adds to
-        self.context_length = min(runner.n_ctx_train, runner.n_ctx)
+        # A runner without a unified KV cache holds at most n_ctx_seq cells a sequence.
+        per_sequence = int(getattr(runner, "n_ctx_seq", runner.n_ctx))
+        self.context_length = min(runner.n_ctx_train, runner.n_ctx, per_sequence)
+        # --deterministic: each prompt chunk alone in its forward call, decode rows
+        # together (docs/batch_invariance.md: what a row's logits then depend on).
+        self.split_calls = split_calls
 
     # -- build the batch ---------------------------------------------------
 
@@ -103,8 +113,12 @@ class StepExecutor:
         """Run the batch, then the images; None (nothing computed) if llama.cpp found
         no KV room. Rows for images that pick a token join `plan.to_sample`."""
         batch = plan.batch
+        logits: Logits | None = None
         try:
-            logits = self.runner.forward(batch) if len(batch) else None
+            if self.split_calls and len(batch):
+                logits = self._forward_split(plan)
+            elif len(batch):
+                logits = self.runner.forward(batch)
         except KVCacheFull:
             # Our count said it fits; llama.cpp's placement disagreed. Nothing was
             # computed: the scheduler makes room and the step runs again.
@@ -128,6 +142,47 @@ class StepExecutor:
         if image_rows:
             logits = np.vstack([logits, *image_rows])
         return logits
+
+    def _forward_split(self, plan: StepPlan) -> Logits:
+        """The batch as several forward calls: every prompt chunk alone (its rows first
+        in the micro-batch, nothing after them), then the decode rows together, at most
+        MAX_DECODE_ROWS a call. Logits rows come back in the batch's order."""
+        batch = plan.batch
+        groups: list[tuple[int, int]] = []  # [start, end) token ranges of the batch
+        start = 0
+        decode_start: int | None = None
+        for c in plan.chunks:
+            if c.image is not None:
+                continue
+            n = c.count + len(c.draft)
+            is_decode = c.count == 1 and c.start >= c.sample.num_prompt and not c.draft
+            if is_decode:
+                if decode_start is None:
+                    decode_start = start
+                elif start - decode_start >= MAX_DECODE_ROWS:
+                    groups.append((decode_start, start))
+                    decode_start = start
+            else:
+                if decode_start is not None:
+                    groups.append((decode_start, start))
+                    decode_start = None
+                groups.append((start, start + n))
+            start += n
+        if decode_start is not None:
+            groups.append((decode_start, start))
+        parts = []
+        for lo, hi in groups:
+            part = Batch()
+            for i in range(lo, hi):
+                part.add(
+                    batch.tokens[i], batch.positions[i], batch.seq_ids[i], batch.want_logits[i]
+                )
+            rows = self.runner.forward(part)
+            if rows.shape[0]:
+                parts.append(rows.copy())  # the next call overwrites llama.cpp's buffer
+        if not parts:
+            return np.empty((0, self.runner.vocab_size), dtype=np.float32)
+        return np.concatenate(parts)
 
     # -- postprocess -------------------------------------------------------
 

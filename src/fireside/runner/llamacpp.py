@@ -44,7 +44,8 @@ class LlamaCppConfig:
     # Not server settings: llama.cpp's own log, and a switch for measuring.
     verbose: bool = False
     # One KV pool for all sequences: forks (n > 1, the prefix cache) share cells for
-    # free. False gives each sequence its own n_ctx / n_seq_max cells (for measuring).
+    # free. False gives each sequence its own n_ctx / n_seq_max cells, starting at cell
+    # 0 whatever the others hold (--deterministic; forks copy).
     kv_unified: bool = True
 
 
@@ -262,6 +263,9 @@ class LlamaCppRunner(Vocabulary):
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(ctx)
+        # Without a unified cache each sequence id has its own stream of n_ctx / n_seq_max
+        # cells: a sequence holds at most that many (--deterministic).
+        self.n_ctx_seq = self.n_ctx if config.kv_unified else self.n_ctx // self.n_seq_max
         self._read_vocabulary()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._token_view = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
@@ -314,7 +318,16 @@ class LlamaCppRunner(Vocabulary):
         return int(llama_cpp.llama_memory_seq_pos_max(self._mem, seq_id)) + 1
 
     def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
-        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, start, end)
+        if self.config.kv_unified:
+            llama_cpp.llama_memory_seq_cp(self._mem, src, dst, start, end)
+            return
+        # Across streams llama.cpp copies whole sequences only (into an empty dst):
+        # copy all of src, then drop what dst should not have.
+        llama_cpp.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+        if start > 0:
+            llama_cpp.llama_memory_seq_rm(self._mem, dst, 0, start)
+        if end >= 0:
+            llama_cpp.llama_memory_seq_rm(self._mem, dst, end, -1)
 
     def close(self) -> None:
         if self.media is not None:
