@@ -1,6 +1,7 @@
 """Cluster mode against one server on the same cores (issue 16).
 
     python benchmarks/cluster.py [--cores 2] [--only SETUP ...] [--no-hop] [--out F]
+                                 [--workloads prefixes unique "8 prefixes"] [--prefix-cache N]
 
 Three setups, one at a time, fresh, on the embedded model, the cores split the
 same way: one `fireside serve --threads C`; `--replicas C --threads 1` with the
@@ -10,7 +11,9 @@ prefix-aware router; the same with Ray Serve's power-of-two router. Workloads
 - prefixes: 4 shared 300-word prefixes, 64 requests in a shuffled order, each
   with its own 20-word tail, 32 tokens out, 8 at once;
 - unique: the `fireside bench` default prompts (200 words), 32 tokens out, 32
-  requests, 8 at once.
+  requests, 8 at once;
+- 8 prefixes: as prefixes with 8 of them, for `--prefix-cache 4`: more than
+  one replica's cache holds, where routing by prefix should pay.
 
 Then what the Ray hop costs: one server with --threads 1 against one replica
 with --threads 1 (`--replicas 1`), one request at a time: TTFT of a 1-token
@@ -41,7 +44,19 @@ WORKLOADS = {
         output_tokens=32,
     ),
     "unique": Workload(concurrency=8, requests=32, output_tokens=32),
+    # More prefixes than one replica's cache holds (run with --prefix-cache 4).
+    "8 prefixes": Workload(
+        concurrency=8,
+        requests=64,
+        prompt_tokens=20,
+        shared_prefix_tokens=300,
+        prefixes=8,
+        output_tokens=32,
+    ),
 }
+
+
+EXTRA: list[str] = []  # flags every server gets (--prefix-cache)
 
 
 def setups(cores: int) -> dict[str, tuple[int, tuple[str, ...]]]:
@@ -54,6 +69,7 @@ def setups(cores: int) -> dict[str, tuple[int, tuple[str, ...]]]:
 
 
 def measure(threads: int, extra: tuple[str, ...], workloads: dict[str, Workload]) -> dict:
+    extra = (*extra, *EXTRA)
     proc, url = start("fireside-same-file", str(default_model_path()), threads, 16, extra=extra)
     try:
         # One short request first: the replicas' first steps (and Ray's first calls)
@@ -78,14 +94,21 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--only", nargs="+", choices=["one", "prefix", "pow2"])
     ap.add_argument("--no-hop", action="store_true", help="skip the Ray hop measurement")
+    ap.add_argument(
+        "--workloads", nargs="+", choices=list(WORKLOADS), default=["prefixes", "unique"]
+    )
+    ap.add_argument("--prefix-cache", type=int, default=None, help="every server's --prefix-cache")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.prefix_cache is not None:
+        EXTRA.extend(["--prefix-cache", str(args.prefix_cache)])
+    workloads = {name: WORKLOADS[name] for name in args.workloads}
     chosen = {
         name: setup
         for name, setup in setups(args.cores).items()
         if not args.only or any(word in name for word in args.only)
     }
-    results = {name: measure(t, extra, WORKLOADS) for name, (t, extra) in chosen.items()}
+    results = {name: measure(t, extra, workloads) for name, (t, extra) in chosen.items()}
     if not args.no_hop:
         results["hop"] = hop()
     print(json.dumps(results, indent=1))
