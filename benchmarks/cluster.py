@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 
@@ -34,29 +35,16 @@ from compare_llama_server import start, stop  # same folder
 from fireside.bench import Workload, run
 from fireside.models import default_model_path
 
+PREFIXES = Workload(
+    concurrency=8, requests=64, prompt_tokens=20, shared_prefix_tokens=300, prefixes=4,
+    output_tokens=32,
+)  # fmt: skip
 WORKLOADS = {
-    "prefixes": Workload(
-        concurrency=8,
-        requests=64,
-        prompt_tokens=20,
-        shared_prefix_tokens=300,
-        prefixes=4,
-        output_tokens=32,
-    ),
+    "prefixes": PREFIXES,
     "unique": Workload(concurrency=8, requests=32, output_tokens=32),
     # More prefixes than one replica's cache holds (run with --prefix-cache 4).
-    "8 prefixes": Workload(
-        concurrency=8,
-        requests=64,
-        prompt_tokens=20,
-        shared_prefix_tokens=300,
-        prefixes=8,
-        output_tokens=32,
-    ),
+    "8 prefixes": dataclasses.replace(PREFIXES, prefixes=8),
 }
-
-
-EXTRA: list[str] = []  # flags every server gets (--prefix-cache)
 
 
 def setups(cores: int) -> dict[str, tuple[int, tuple[str, ...]]]:
@@ -69,7 +57,6 @@ def setups(cores: int) -> dict[str, tuple[int, tuple[str, ...]]]:
 
 
 def measure(threads: int, extra: tuple[str, ...], workloads: dict[str, Workload]) -> dict:
-    extra = (*extra, *EXTRA)
     proc, url = start("fireside-same-file", str(default_model_path()), threads, 16, extra=extra)
     try:
         # One short request first: the replicas' first steps (and Ray's first calls)
@@ -100,15 +87,16 @@ def main() -> int:
     ap.add_argument("--prefix-cache", type=int, default=None, help="every server's --prefix-cache")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.prefix_cache is not None:
-        EXTRA.extend(["--prefix-cache", str(args.prefix_cache)])
+    common = () if args.prefix_cache is None else ("--prefix-cache", str(args.prefix_cache))
     workloads = {name: WORKLOADS[name] for name in args.workloads}
     chosen = {
         name: setup
         for name, setup in setups(args.cores).items()
         if not args.only or any(word in name for word in args.only)
     }
-    results = {name: measure(t, extra, workloads) for name, (t, extra) in chosen.items()}
+    results = {
+        name: measure(t, (*extra, *common), workloads) for name, (t, extra) in chosen.items()
+    }
     if not args.no_hop:
         results["hop"] = hop()
     print(json.dumps(results, indent=1))

@@ -3,7 +3,7 @@
 `ray.cluster_utils.Cluster` starts two raylets with one CPU each (a head and a
 worker node); `fireside serve --replicas 2 --ray-address ...` joins it, so each
 node gets one engine replica with one llama.cpp thread. The app runs with an API
-key, so the `client` fixture the e2e tests use carries it.
+key, so the `client` and `api_key` fixtures the e2e tests use carry it.
 
 Every test in this folder is marked `slow`.
 """
@@ -66,6 +66,11 @@ def cluster_server(ray_cluster: str) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def server_url(cluster_server: Server) -> str:
     return cluster_server.url
+
+
+@pytest.fixture()
+def api_key() -> str:
+    return KEY
 
 
 @pytest.fixture()

@@ -12,15 +12,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
-from tests.cluster.conftest import AUTH, KEY
+from tests.cluster.conftest import AUTH
 from tests.e2e.conftest import MODEL
 from tests.e2e.test_completions import (  # noqa: F401
     test_bad_inputs_are_400_with_envelope,
     test_echo_and_truncate_vs_error,
+    test_fireworks_sdk,
     test_greedy_matches_the_known_answer,
+    test_openai_sdk,
     test_prompts_times_n_are_prompt_major,
     test_stop_included_by_default_and_excluded_on_request,
     test_stream_equals_non_stream_and_usage_is_last,
@@ -50,21 +51,6 @@ def test_auth_is_the_servers(server_url):
     assert httpx.post(f"{server_url}/v1/completions", json=body, headers=AUTH).status_code == 200
     health = httpx.get(f"{server_url}/health")  # open, as on one server
     assert health.status_code == 200 and health.json()["status"] == "ok"
-
-
-def test_official_sdks(server_url):
-    from fireworks import Fireworks
-
-    for sdk in (
-        openai.OpenAI(base_url=f"{server_url}/v1", api_key=KEY),
-        Fireworks(base_url=server_url, api_key=KEY),
-    ):
-        out = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=0)
-        assert out.choices[0].text
-        stream = sdk.completions.create(
-            model=MODEL, prompt="Hello", max_tokens=6, temperature=0, stream=True
-        )
-        assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
 
 
 def test_models_and_metrics_come_from_the_cluster(client):

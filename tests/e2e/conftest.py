@@ -183,6 +183,12 @@ def cold_server_url(_session_servers: ServerFactory) -> str:
 
 
 @pytest.fixture()
+def api_key() -> str:
+    """The key the SDK tests send: the test servers have none, so any will do."""
+    return "unused"
+
+
+@pytest.fixture()
 def client(server_url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server_url, timeout=120) as c:
         yield c

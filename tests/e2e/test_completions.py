@@ -93,8 +93,8 @@ def test_bad_inputs_are_400_with_envelope(client):
     assert client.get("/health").json() == {"status": "ok"}
 
 
-def test_openai_sdk(server_url):
-    sdk = openai.OpenAI(base_url=f"{server_url}/v1", api_key="unused")
+def test_openai_sdk(server_url, api_key):
+    sdk = openai.OpenAI(base_url=f"{server_url}/v1", api_key=api_key)
     out = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
     assert out.choices[0].text
     stream = sdk.completions.create(
@@ -103,10 +103,10 @@ def test_openai_sdk(server_url):
     assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
 
 
-def test_fireworks_sdk(server_url):
+def test_fireworks_sdk(server_url, api_key):
     from fireworks import Fireworks
 
-    sdk = Fireworks(base_url=server_url, api_key="unused")
+    sdk = Fireworks(base_url=server_url, api_key=api_key)
     out = sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
     assert out.choices[0].text
     stream = sdk.completions.create(

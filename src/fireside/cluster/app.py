@@ -80,10 +80,8 @@ class EngineReplica:
         self._reporter = asyncio.get_running_loop().create_task(self._report_forever())
 
     def info(self) -> dict[str, Any]:
-        return {
-            "context_length": self.engine.context_length,
-            "vocab_size": self.engine.vocab_size,
-        }
+        """What the ingress cannot learn from the vocabulary alone."""
+        return {"context_length": self.engine.context_length}
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[object]:
         """First a dict naming this replica, then the request's outputs. A cancelled

@@ -16,10 +16,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Container, Iterable, Sequence
 
-# Fireside's prefix cache reuses any prefix of at least MIN_CACHE_HIT (32) tokens;
+# Fireside's prefix cache reuses any prefix of at least MIN_CACHE_HIT (16) tokens;
 # blocks of 16 tokens lose at most 15 tokens of a match to the rounding.
 BLOCK_TOKENS = 16
-# A replica reports at most this many hashes (~2,500 blocks of 16: 40k cached tokens).
+# A replica reports at most this many hashes (blocks of 16: ~32k distinct cached tokens).
 MAX_REPORTED = 2048
 
 

@@ -67,7 +67,6 @@ class PrefixAwareRouter(RequestRouter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.imbalance = 16
-        self._last_matches: dict[str, int] = {}
         # replica -> requests sent there and not yet completed
         self._inflight: dict[ReplicaID, int] = {}
         # a pending request's future -> the replica chosen for it (until Serve says
@@ -114,10 +113,9 @@ class PrefixAwareRouter(RequestRouter):
             for gone in [f for f in self._chosen if f.cancelled()]:  # the caller left
                 self._move(self._chosen.pop(gone), None)
         log.debug(
-            "route %s: loads %s matches %s -> %s",
+            "route %s: loads %s -> %s",
             request.request_id if request is not None else None,
             {rid.unique_id: n for rid, n in loads.items()},
-            self._last_matches,
             first.replica_id.unique_id,
         )
         return [[first]] + [[r] for r in by_load if r is not first]
@@ -144,10 +142,8 @@ class PrefixAwareRouter(RequestRouter):
             return None
         now = time.monotonic()
         best, best_len = None, 0
-        self._last_matches = {}
         for r in by_load:  # least loaded first: of equal matches, it wins
             n = matched_blocks(hashes, self._held(r), self._recent(r.replica_id, now))
-            self._last_matches[r.replica_id.unique_id] = n
             if n > best_len and fits(r):
                 best, best_len = r, n
         return best
@@ -173,10 +169,13 @@ class PrefixAwareRouter(RequestRouter):
         sent = self._sent.get(rid)
         if not sent:
             return {}
-        # Insertion order is time order: drop from the front while too old.
-        expired = [h for h, at in sent.items() if now - at > PREDICTION_TTL_S]
-        for h in expired:
-            del sent[h]
+        # Insertion order is time order (`_remember` re-inserts): drop from the front
+        # while too old, and stop at the first that is not.
+        while sent:
+            oldest, at = next(iter(sent.items()))
+            if now - at <= PREDICTION_TTL_S:
+                break
+            del sent[oldest]
         return sent
 
     def _remember(self, rid: ReplicaID, request: EngineRequest) -> None:
@@ -233,16 +232,17 @@ class PrefixAwareRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         alive = {r.replica_id for r in replicas}
-        for state in (self._inflight, self._sent, self._reported):
-            for rid in [rid for rid in state if rid not in alive]:
-                del state[rid]
-        for key in [k for k, rid in self._affinity.items() if rid not in alive]:
-            del self._affinity[key]
+        self._forget({rid for rid in (*self._inflight, *self._sent, *self._reported)} - alive)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._inflight.pop(replica_id, None)
-        self._sent.pop(replica_id, None)
-        self._reported.pop(replica_id, None)
-        for key in [k for k, rid in self._affinity.items() if rid == replica_id]:
+        self._forget({replica_id})
+
+    def _forget(self, gone: set[ReplicaID]) -> None:
+        """Drop what the router knows of replicas that are gone."""
+        for rid in gone:
+            self._inflight.pop(rid, None)
+            self._sent.pop(rid, None)
+            self._reported.pop(rid, None)
+        for key in [k for k, rid in self._affinity.items() if rid in gone]:
             del self._affinity[key]

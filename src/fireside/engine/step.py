@@ -172,11 +172,12 @@ class StepExecutor:
             groups.append((decode_start, start))
         parts = []
         for lo, hi in groups:
-            part = Batch()
-            for i in range(lo, hi):
-                part.add(
-                    batch.tokens[i], batch.positions[i], batch.seq_ids[i], batch.want_logits[i]
-                )
+            part = Batch(
+                batch.tokens[lo:hi],
+                batch.positions[lo:hi],
+                batch.seq_ids[lo:hi],
+                batch.want_logits[lo:hi],
+            )
             rows = self.runner.forward(part)
             if rows.shape[0]:
                 parts.append(rows.copy())  # the next call overwrites llama.cpp's buffer

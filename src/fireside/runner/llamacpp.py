@@ -92,6 +92,15 @@ def init_backend(verbose: bool = False) -> None:
     _backend_ready = True
 
 
+def load_vocab_only(path: str) -> llama_cpp.llama_model_p | None:
+    """A model file's vocabulary and metadata, no weights (llama.cpp's `vocab_only`);
+    None if llama.cpp cannot read it. The caller frees it (`llama_model_free`)."""
+    init_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    return llama_cpp.llama_model_load_from_file(path.encode(), params) or None
+
+
 def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if level == _GGML_LOG_LEVEL_ERROR:
         sys.stderr.write(text.decode("utf-8", "replace"))
@@ -194,11 +203,8 @@ class LlamaCppVocab(Vocabulary):
     requests and compile grammars, while the replicas hold the model."""
 
     def __init__(self, model_path: str) -> None:
-        init_backend()
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.vocab_only = True
-        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
-        if not model:
+        model = load_vocab_only(model_path)
+        if model is None:
             raise LoadError(f"llama.cpp could not load the model {model_path}")
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from fireside.runner.llamacpp import init_backend
+from fireside.runner.llamacpp import init_backend, load_vocab_only
 
 # Formats a model can be converted to.
 TARGETS = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}
@@ -42,11 +42,8 @@ def default_cache_dir() -> Path:
 
 def file_type(path: str) -> int:
     """llama.cpp's `general.file_type` of a GGUF file (-1 if it does not say)."""
-    init_backend()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(path.encode(), params)
-    if not model:
+    model = load_vocab_only(path)
+    if model is None:
         raise RuntimeError(f"could not read {path}")
     try:
         buf = ctypes.create_string_buffer(32)
