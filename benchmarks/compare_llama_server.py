@@ -102,6 +102,7 @@ def raw_decode(model: str, threads: int, w: Workload) -> dict:
             flash_attn=served.flash_attn,
             mmproj_path=None,
             n_gpu_layers=served.gpu_layers,
+            kv_unified=served.kv_unified,
         )
     )
     prompts = [runner.tokenize(p) for p in w.prompts()]
@@ -160,6 +161,8 @@ def free_port() -> int:
 
 
 RAW_CTX = 16384
+# More `fireside serve` flags for every Fireside server (--fireside-flags).
+FIRESIDE_FLAGS: tuple[str, ...] = ()
 
 
 def start(
@@ -195,6 +198,13 @@ def start(
         ]
     else:
         weights = "original" if kind == "fireside-same-file" else "auto"
+        # Each sequence id gets the cells llama-server gives each slot (ctx / parallel):
+        # the same longest request for both. Fireside's prefix-cache entries are ids
+        # too, so it holds more cells in all (without --kv-unified).
+        flags = FIRESIDE_FLAGS
+        ids = max(parallel, 16) + ServeConfig().prefix_cache
+        if "--kv-unified" not in flags:
+            ctx = ctx // parallel * ids
         cmd = [
             sys.executable,
             "-m",
@@ -216,6 +226,7 @@ def start(
             "bench",
             "--log-level",
             "warning",
+            *flags,
             *extra,
         ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -264,7 +275,14 @@ def main() -> int:
         "--q8-0", action="store_true", help="serve both a Q8_0 conversion of the embedded file"
     )
     ap.add_argument("--out", default=None, help="write all results as JSON here")
+    ap.add_argument(
+        "--fireside-flags",
+        default="",
+        help="more flags for every Fireside server, e.g. '--kv-unified' (the layout before)",
+    )
     a = ap.parse_args()
+    global FIRESIDE_FLAGS
+    FIRESIDE_FLAGS = tuple(a.fireside_flags.split())
     model = str(default_model_path())
     if a.q8_0:
         from fireside.runner import weights

@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=250)
     ap.add_argument("--repeats", type=int, default=20)
     a = ap.parse_args()
-    config = LlamaCppConfig(str(default_model_path()), 4096, 512, 4, a.threads, False, None, -1)
+    config = LlamaCppConfig(
+        str(default_model_path()), 4096, 512, 4, a.threads, False, None, -1, False
+    )
     runner = LlamaCppRunner(config)
     prompt = runner.tokenize("The lighthouse stood at the edge of the cliff. " * 40)[: a.context]
     batch = Batch()

@@ -19,6 +19,8 @@ class FakeRunner:
 
     vocab_size = 50
     n_ctx = 64
+    n_ctx_seq = 64
+    kv_unified = True
     n_ctx_train = 64
     n_batch = 32
     n_seq_max = 8
@@ -92,6 +94,8 @@ class CellRunner:
 
     def __init__(self, n_ctx: int = 512, spread: bool = False, copy_period: int = 0) -> None:
         self.n_ctx = n_ctx
+        self.n_ctx_seq = n_ctx
+        self.kv_unified = True
         self.spread = spread
         self.copy_period = copy_period
         self.cells: list[tuple[int, int, set[int]] | None] = [None] * n_ctx  # pos, token, seqs
@@ -131,19 +135,23 @@ class CellRunner:
                     if c and seq in c[2] and c[0] <= pos
                     for p, t in [(c[0], c[1])]
                 )
-                assert [p for p, _ in seen] == list(range(pos + 1)), "a hole or a duplicate"
-                digest = hashlib.sha256(repr(seen).encode()).digest()
-                row = np.zeros(self.vocab_size, dtype=np.float32)
-                copied = pos + 1 - self.copy_period
-                if self.copy_period and copied >= 0 and seen[copied][1] >= 0:
-                    row[seen[copied][1]] = 10.0
-                elif self.spread:
-                    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-                    row[:] = rng.normal(0.0, 1.5, self.vocab_size)
-                else:
-                    row[3 + digest[0] % 60] = 10.0
-                rows.append(row)
+                rows.append(self._row(seen, pos))
         return np.array(rows, dtype=np.float32).reshape(len(rows), self.vocab_size)
+
+    def _row(self, seen: list[tuple[int, int]], pos: int) -> np.ndarray:
+        """The logits after position `pos`, from every (position, token) it sees."""
+        assert [p for p, _ in seen] == list(range(pos + 1)), "a hole or a duplicate"
+        digest = hashlib.sha256(repr(seen).encode()).digest()
+        row = np.zeros(self.vocab_size, dtype=np.float32)
+        copied = pos + 1 - self.copy_period
+        if self.copy_period and copied >= 0 and seen[copied][1] >= 0:
+            row[seen[copied][1]] = 10.0
+        elif self.spread:
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            row[:] = rng.normal(0.0, 1.5, self.vocab_size)
+        else:
+            row[3 + digest[0] % 60] = 10.0
+        return row
 
     def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
         for i, c in enumerate(self.cells):
@@ -160,6 +168,65 @@ class CellRunner:
         for c in self.cells:
             if c is not None and src in c[2] and start <= c[0] < end:
                 c[2].add(dst)
+
+
+class StreamRunner(CellRunner):
+    """Like llama.cpp without a unified cache: each sequence id has a stream of its own
+    `n_ctx_seq` cells, and a copy between ids copies a whole stream (then drops what
+    the destination should not have, as LlamaCppRunner.seq_copy does). Logits as in
+    CellRunner. `passes` counts, per batch, the runs of consecutive sequence ids in
+    the batch's order: llama.cpp computes a batch in one pass over the weights per run.
+    """
+
+    kv_unified = False
+
+    def __init__(
+        self, n_ctx_seq: int, n_seq_max: int, spread: bool = False, copy_period: int = 0
+    ) -> None:
+        super().__init__(n_ctx_seq * n_seq_max, spread, copy_period)
+        self.n_ctx_seq = n_ctx_seq
+        self.n_seq_max = n_seq_max
+        self.kv_unified = False
+        self.streams: list[dict[int, int]] = [{} for _ in range(n_seq_max)]  # pos -> token
+        self.passes: list[int] = []
+
+    @property
+    def used(self) -> int:
+        return sum(len(s) for s in self.streams)
+
+    def forward(self, batch: Batch) -> np.ndarray:
+        if self.ledger is not None:
+            assert self.ledger.used == self.used, "ledger and cache disagree"
+        ids = batch.seq_ids
+        self.passes.append(
+            1 + sum(1 for a, b in zip(ids, ids[1:], strict=False) if b not in (a, a + 1))
+        )
+        rows = []
+        for tok, pos, seq, want in zip(
+            batch.tokens, batch.positions, ids, batch.want_logits, strict=True
+        ):
+            stream = self.streams[seq]
+            assert pos not in stream, "a position computed twice"
+            if len(stream) >= self.n_ctx_seq:
+                raise KVCacheFull()
+            stream[pos] = tok
+            if want:
+                rows.append(self._row(sorted((p, t) for p, t in stream.items() if p <= pos), pos))
+        return np.array(rows, dtype=np.float32).reshape(len(rows), self.vocab_size)
+
+    def seq_remove(self, seq_id: int, start: int = 0, end: int = -1) -> None:
+        stream = self.streams[seq_id]
+        for p in [p for p in stream if start <= p and (end < 0 or p < end)]:
+            del stream[p]
+
+    def positions(self, seq_id: int) -> list[int]:
+        return sorted(self.streams[seq_id])
+
+    def seq_copy(self, src: int, dst: int, start: int, end: int) -> None:
+        assert src != dst
+        self.streams[dst] = {
+            p: t for p, t in self.streams[src].items() if start <= p and (end < 0 or p < end)
+        }
 
 
 def engine_config(**overrides: Any) -> EngineConfig:

@@ -92,11 +92,15 @@ class ServeConfig:
         "(comma-separated). With no key at all the server is open to anyone",
         metavar="KEY",
     )
+    # Per-sequence streams (the default, issue 13): 32 ids x 2,048 cells, 1.5 GB of KV for
+    # the embedded model. --kv-unified: one pool, what one request may use whole.
     ctx_size: int = setting(
-        8192,
+        65536,
         "--ctx-size",
-        "KV cache cells shared by all running sequences; one request's context "
-        "is the smaller of this and the model's training context",
+        "KV cache cells in all. Each of the --parallel + --prefix-cache sequence ids "
+        "gets ctx-size / ids of them to itself (rounded up to 256), which bounds one "
+        "request's context (llama-server's -c); in a unified cache (see --kv-unified) "
+        "they are one pool all sequences share, and a request may use all of it",
         metavar="N",
         low=64,
         high=2**31 - 1,  # llama.cpp's positions are 32-bit
@@ -156,6 +160,16 @@ class ServeConfig:
         "--flash-attn",
         "llama.cpp's flash attention kernels (1.8x the 16-stream throughput on CPU here)",
     )
+    # benchmarks/kv_layout.py: a decode step over 16 sequences' cells takes 1.28x as
+    # long in the unified cache, over 64 sequences 4.12x (docs/sweep.md).
+    kv_unified: bool = setting(
+        False,
+        "--kv-unified",
+        "one KV pool shared by all sequences: a request may use all the cells and "
+        "shared prefixes cost no copy, but every decode row's attention walks all "
+        "sequences' cells (4x slower decode at 64 streams); off: each sequence id has "
+        "its own stream of cells, as each slot of llama.cpp's server has",
+    )
     # A step's length is a gap between two tokens of every running stream. Measured at
     # 16 streams, 2 threads: 128 gave ITL p99 0.49 s but 140 tok/s; 512 gives p99
     # 0.77 s and 182 tok/s.
@@ -203,8 +217,9 @@ class ServeConfig:
         metavar="S",
         low=0,
     )
+    # Without --kv-unified each entry is a sequence id with its own stream of cells.
     prefix_cache: int = setting(
-        32,
+        16,
         "--prefix-cache",
         "finished sequences whose KV stays cached for prompts that share a prefix (0: off)",
         metavar="N",
@@ -249,8 +264,8 @@ class ServeConfig:
         False,
         "--deterministic",
         "batch-invariant decoding: a request's logits, samples and scores are bitwise "
-        "the same whatever else runs (each sequence id gets its own ctx-size / ids KV "
-        "cells; prompts in fixed chunks; no speculative drafts)",
+        "the same whatever else runs (prompts in fixed chunks, each computed alone; no "
+        "speculative drafts; not with --kv-unified)",
     )
     # Cluster mode (issue 16; `pip install 'fireside[ray]'`): the same server with the
     # engine in N Ray Serve replicas and the HTTP API in front of them.
@@ -303,22 +318,35 @@ class ServeConfig:
         return missing + bounds + self._cluster_problems(len(specs)) + self._kv_problems()
 
     def sequence_ids(self) -> int:
-        """llama.cpp sequence ids: one per running sample, plus one per cached prefix."""
+        """llama.cpp sequence ids: one per running sample, plus one per cached prefix.
+
+        In the unified cache an id costs nothing, so there is one for each sample of a
+        request with the largest n; with a stream of cells per id, --parallel ones (a
+        request with more samples runs them in turns)."""
         from fireside.api.protocol import MAX_N
 
-        return min(MAX_SEQUENCES, max(self.parallel, MAX_N) + self.prefix_cache)
+        running = max(self.parallel, MAX_N) if self.kv_unified else self.parallel
+        return min(MAX_SEQUENCES, running + self.prefix_cache)
+
+    def cells_per_sequence(self) -> int:
+        """KV cells one sequence id may hold (before the model's training context caps
+        it): --ctx-size, or its share of it, rounded up as llama.cpp does."""
+        if self.kv_unified:
+            return self.ctx_size
+        return -(-max(self.ctx_size // self.sequence_ids(), 1) // 256) * 256
 
     def _kv_problems(self) -> list[str]:
         if not self.deterministic:
             return []
-        per_sequence = self.ctx_size // self.sequence_ids()
-        if per_sequence >= MIN_DETERMINISTIC_CELLS:
+        if self.kv_unified:
+            return ["--deterministic needs a stream of KV cells per sequence: drop --kv-unified"]
+        if self.cells_per_sequence() >= MIN_DETERMINISTIC_CELLS:
             return []
         need = MIN_DETERMINISTIC_CELLS * self.sequence_ids()
         return [
-            f"--deterministic gives each of {self.sequence_ids()} sequence ids its own "
-            f"--ctx-size / {self.sequence_ids()} = {per_sequence} KV cells; give "
-            f"--ctx-size {need} or more (or fewer --prefix-cache entries)"
+            f"--deterministic gives each of {self.sequence_ids()} sequence ids "
+            f"{self.cells_per_sequence()} KV cells; give --ctx-size {need} or more "
+            "(or fewer --prefix-cache entries)"
         ]
 
     def _cluster_problems(self, num_models: int) -> list[str]:

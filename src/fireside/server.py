@@ -95,18 +95,23 @@ def weights_path(config: ServeConfig, path: str) -> str:
     return weights.convert(path, target, cache_dir, config.threads, say=_say)
 
 
-def adjustments(config: ServeConfig, n_ctx: int, n_batch: int, n_ctx_train: int) -> list[str]:
+def adjustments(
+    config: ServeConfig, n_ctx: int, n_batch: int, n_ctx_train: int, n_ctx_seq: int
+) -> list[str]:
     """What llama.cpp (or the model) changed from the flags it was given, in words."""
     notes = []
     if n_ctx != config.ctx_size:
         notes.append(
             f"--ctx-size {config.ctx_size}: llama.cpp allocated {n_ctx} KV cells (it rounds "
-            "up to a multiple of 256, and to at least one cell per sequence id)"
+            "up to a multiple of 256, and to at least one cell per sequence id"
+            + ("" if config.kv_unified else "; each sequence's share, to a multiple of 256")
+            + ")"
         )
-    if n_ctx_train < n_ctx:
+    if n_ctx_train < n_ctx_seq:
         notes.append(
             f"--ctx-size {n_ctx}: one request's context is capped at the model's "
             f"training context, {n_ctx_train} tokens"
+            + ("" if config.kv_unified else f", under the {n_ctx_seq} cells of its sequence id")
         )
     if n_batch < config.batch_size:
         notes.append(
@@ -127,7 +132,7 @@ def runner_config(config: ServeConfig, path: str, mmproj: str | None) -> LlamaCp
         flash_attn=config.flash_attn,
         mmproj_path=mmproj,
         n_gpu_layers=config.gpu_layers,
-        kv_unified=not config.deterministic,
+        kv_unified=config.kv_unified,
     )
 
 
@@ -151,18 +156,22 @@ def build_engine(config: ServeConfig, spec: ModelSpec) -> Engine:
     settings = runner_config(config, path, spec.mmproj)
     runner = LlamaCppRunner(settings, progress=_Progress(name))
     log.info(
-        "model %s: loaded %s in %.1fs: vocab %d, context %d, %d KV cells, %d threads",
+        "model %s: loaded %s in %.1fs: vocab %d, context %d, %d KV cells (%s), %d threads",
         name,
         path,
         time.perf_counter() - started,
         runner.vocab_size,
-        min(runner.n_ctx, runner.n_ctx_train),
+        min(runner.n_ctx_seq, runner.n_ctx_train),
         runner.n_ctx,
+        "one pool"
+        if runner.kv_unified
+        else f"{runner.n_seq_max} sequence ids x {runner.n_ctx_seq}",
         settings.n_threads,
     )
     if runner.gpu_offload:
         log.info("model %s: --gpu-layers %d on the GPU backend", name, settings.n_gpu_layers)
-    for note in adjustments(config, runner.n_ctx, runner.n_batch, runner.n_ctx_train):
+    notes = adjustments(config, runner.n_ctx, runner.n_batch, runner.n_ctx_train, runner.n_ctx_seq)
+    for note in notes:
         log.warning("model %s: %s", name, note)
     return Engine(runner, engine_config(config))
 

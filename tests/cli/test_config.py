@@ -126,7 +126,7 @@ def test_the_command_line_refuses_bad_values_by_flag(capsys):
 # Below ServeConfig, a default would be a second home for a setting: every field is
 # passed by server.py. The few knobs that are not server settings are named here.
 NOT_SERVER_SETTINGS = {
-    LlamaCppConfig: {"verbose", "kv_unified"},
+    LlamaCppConfig: {"verbose"},
     EngineConfig: set(),
     SchedulerConfig: set(),
 }
@@ -157,7 +157,23 @@ def test_completion_service_takes_every_server_setting_explicitly():
 def test_deterministic_needs_kv_cells_for_every_sequence_id():
     from fireside.config import ServeConfig
 
-    problems = ServeConfig(deterministic=True).problems()  # 8,192 cells over 160 ids
-    assert any("--deterministic" in p and "--ctx-size 81920" in p for p in problems), problems
-    assert ServeConfig(deterministic=True, ctx_size=81920).problems() == []
+    # 8,192 cells over 16 + 16 ids: 256 each, under the 512 the mode needs.
+    problems = ServeConfig(deterministic=True, ctx_size=8192).problems()
+    assert any("--deterministic" in p and "--ctx-size 16384" in p for p in problems), problems
+    assert ServeConfig(deterministic=True, ctx_size=16384).problems() == []
+    assert ServeConfig(deterministic=True).problems() == []  # 2,048 each by default
     assert ServeConfig(ctx_size=8192).problems() == []
+    unified = ServeConfig(deterministic=True, kv_unified=True).problems()
+    assert any("--kv-unified" in p for p in unified), unified
+
+
+def test_each_sequence_id_gets_its_share_of_the_cells_unless_they_are_one_pool():
+    from fireside.config import ServeConfig
+
+    config = ServeConfig()
+    assert config.sequence_ids() == config.parallel + config.prefix_cache == 32
+    assert config.cells_per_sequence() == 2048
+    assert ServeConfig(ctx_size=1000, parallel=2, prefix_cache=1).cells_per_sequence() == 512
+    unified = ServeConfig(kv_unified=True)
+    assert unified.sequence_ids() == 128 + unified.prefix_cache  # one per sample of n=128
+    assert unified.cells_per_sequence() == unified.ctx_size

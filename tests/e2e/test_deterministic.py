@@ -14,8 +14,8 @@ import pytest
 
 from tests.e2e.conftest import MODEL, served_weights
 
-# 132 sequence ids (--parallel 16 and n up to 128, + 4 cached prefixes) of 1,024 cells.
-FLAGS = ("--deterministic", "--prefix-cache", "4", "--ctx-size", str(132 * 1024))
+# The default KV: 16 + 16 sequence ids, a stream of 2,048 cells each.
+FLAGS = ("--deterministic",)
 STORY = "Once upon a time, in a village between two rivers, there lived a"
 PASSAGE = (
     "The lighthouse stood at the edge of the cliff, its lamp turning slowly through "

@@ -32,7 +32,16 @@ def serve_and_complete(start_server: StartServer, *flags: str) -> list[str]:
 
 
 def test_a_small_ctx_size_starts_and_the_rounding_is_reported(start_server):
+    # 32 sequence ids (16 + 16): each gets 150 / 32 cells, rounded up to 256.
     lines = serve_and_complete(start_server, "--ctx-size", "150")
+    text = "".join(lines)
+    assert "--ctx-size 150: llama.cpp allocated 8192 KV cells" in text
+    assert "32 sequence ids x 256" in text
+    assert "GGML_ASSERT" not in text
+
+
+def test_a_small_unified_ctx_size_starts_and_the_rounding_is_reported(start_server):
+    lines = serve_and_complete(start_server, "--kv-unified", "--ctx-size", "150")
     text = "".join(lines)
     assert "--ctx-size 150: llama.cpp allocated 256 KV cells" in text
     assert "GGML_ASSERT" not in text
@@ -62,9 +71,14 @@ def test_ctx_sizes_out_of_range_are_refused_by_name(value):
 
 
 def test_context_shape_gives_llama_cpp_a_batch_that_holds_every_sequence():
-    def shape(n_ctx: int, n_batch: int, n_seq_max: int) -> tuple[int, int]:
-        config = LlamaCppConfig("m.gguf", n_ctx, n_batch, n_seq_max, 1, True, None, 0)
+    def shape(n_ctx: int, n_batch: int, n_seq_max: int, unified: bool = True) -> tuple[int, int]:
+        config = LlamaCppConfig("m.gguf", n_ctx, n_batch, n_seq_max, 1, True, None, 0, unified)
         return context_shape(config)
+
+    # A stream per sequence id: each gets n_ctx / ids, rounded up to 256, as llama.cpp does.
+    assert shape(150, 512, 32, unified=False) == (8192, 512)
+    assert shape(1000, 512, 3, unified=False) == (1536, 512)
+    assert shape(65536, 512, 32, unified=False) == (65536, 512)
 
     assert shape(150, 512, 160) == (256, 256)
     assert shape(256, 128, 160) == (256, 160)

@@ -17,6 +17,10 @@ garbage) and `--speculate auto` may be on; a runner that copies what it saw a
 period ago makes drafts that are accepted, so accepted and rejected drafts, their
 truncated cells, the prefix cache and preemption all meet.
 
+The same properties hold on StreamRunner (a stream of cells per sequence id, as
+llama.cpp without a unified cache: copies instead of shared cells, no shared
+pool to run out of, fewer ids than a request may have samples).
+
 Unit tests of the bookkeeping on a fake runner, not evidence about a model.
 """
 
@@ -29,7 +33,7 @@ from hypothesis import strategies as st
 
 from fireside.engine.engine import Engine
 from fireside.engine.types import EngineRequest, RequestOutput, SamplingParams
-from tests.fakes import CellRunner, engine_config
+from tests.fakes import CellRunner, StreamRunner, engine_config
 
 # Prompts come from a few families so that they share prefixes (cache hits).
 FAMILIES = [[3 + (7 * i + f * 11) % 60 for i in range(512)] for f in range(3)]
@@ -38,7 +42,7 @@ FAMILIES = [[3 + (7 * i + f * 11) % 60 for i in range(512)] for f in range(3)]
 @dataclass
 class Driver:
     engine: Engine
-    runner: CellRunner
+    runner: CellRunner  # or StreamRunner
     outputs: dict[str, list[RequestOutput]] = field(default_factory=dict)
     expected: dict[str, int] = field(default_factory=dict)  # tokens per sample
     aborted: set[str] = field(default_factory=set)
@@ -52,8 +56,14 @@ class Driver:
         max_running: int,
         copy_period: int = 0,
         speculate_auto: bool = False,
+        streams: int = 0,
     ) -> Driver:
-        runner = CellRunner(n_ctx, copy_period=copy_period)
+        """With `streams`, a StreamRunner of that many ids of n_ctx cells each."""
+        runner = (
+            StreamRunner(n_ctx, streams, copy_period=copy_period)
+            if streams
+            else CellRunner(n_ctx, copy_period=copy_period)
+        )
         engine = Engine(
             runner,
             engine_config(
@@ -151,7 +161,33 @@ ops = st.lists(
 def test_random_workloads_finish_and_the_ledger_matches_the_cells(
     n_ctx, cache_entries, max_running, copy_period, speculate_auto, ops
 ):
-    d = Driver.make(n_ctx, cache_entries, max_running, copy_period, speculate_auto)
+    run_workload(Driver.make(n_ctx, cache_entries, max_running, copy_period, speculate_auto), ops)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_ctx_seq=st.sampled_from([48, 96, 256]),
+    cache_entries=st.sampled_from([0, 1, 4]),
+    max_running=st.sampled_from([1, 2, 3]),
+    copy_period=st.sampled_from([0, 20, 60]),
+    speculate_auto=st.booleans(),
+    ops=ops,
+)
+def test_random_workloads_on_a_stream_per_sequence_id_finish_with_the_same_properties(
+    n_ctx_seq, cache_entries, max_running, copy_period, speculate_auto, ops
+):
+    # --parallel + --prefix-cache ids, as the server gives llama.cpp: n = 3 exceeds them.
+    streams = max_running + cache_entries
+    d = Driver.make(
+        n_ctx_seq, cache_entries, max_running, copy_period, speculate_auto, streams=streams
+    )
+    run_workload(d, ops)
+    assert isinstance(d.runner, StreamRunner)
+    assert d.engine.scheduler.num_preempted == 0  # no shared pool to run out of
+
+
+def run_workload(d: Driver, ops: list) -> None:
+    n_ctx = d.runner.n_ctx_seq
     for i, op in enumerate(ops):
         if op[0] == "submit":
             _, family, shared, tail, max_tokens, n, draft = op

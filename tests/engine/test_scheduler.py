@@ -33,6 +33,7 @@ class Harness:
             "num_slots": 8,
             "max_running": 8,
             "kv_capacity": 256,
+            "slot_cells": 0,
             "token_budget": 64,
             "max_scored_rows": 256,
             "cache_entries": 0,
@@ -427,3 +428,89 @@ def test_fixed_chunk_prefix_hits_end_on_a_boundary_within_the_source_prompt():
     h.step()
     b = h.requests["b"]
     assert b.num_cached == 32  # 40 shared prompt tokens, cut to the last 16-boundary
+
+
+# --- A stream of cells per sequence id (llama.cpp without a unified cache, the default)
+
+
+def streams(**config: Any) -> Harness:
+    settings: dict[str, Any] = {"num_slots": 4, "max_running": 4, "slot_cells": 64}
+    return Harness(**(settings | config))
+
+
+def test_with_streams_a_new_sample_joins_the_running_ids_without_moving_an_entry():
+    h = streams(cache_entries=2)
+    h.submit("a", prompt(8), max_tokens=1)
+    h.submit("b", prompt(8, 200), max_tokens=20)
+    h.step()  # a finishes on its first token: its KV stays cached in id 0
+    assert h.slot_of("b") == 1 and [e.slot for e in h.scheduler.cache.entries] == [0]
+    h.submit("c", prompt(8, 300), max_tokens=2)
+    h.step()
+    # Id 2 is as adjacent to b as id 0, and holds nothing: nothing moves, nothing copies.
+    assert h.slot_of("c") == 2 and h.copies == []
+
+
+def test_with_streams_an_entry_in_the_way_moves_so_running_ids_stay_adjacent():
+    h = streams(cache_entries=2)
+    h.submit("a", prompt(8), max_tokens=20)
+    h.submit("b", prompt(8, 200), max_tokens=1)
+    h.submit("c", prompt(8, 300), max_tokens=20)
+    h.step()  # b finishes: its entry sits in id 1, between a (0) and c (2)
+    assert [h.slot_of("a"), h.slot_of("c")] == [0, 2]
+    h.submit("d", prompt(8, 400), max_tokens=2)
+    h.step()
+    # Id 1 closes the gap (one pass over the weights a step instead of two): b's entry
+    # is copied to the free id 3 first.
+    assert h.slot_of("d") == 1
+    assert h.copies == [(1, 3, 8)] and (1, 0) in h.released
+    assert [(e.slot, len(e.tokens)) for e in h.scheduler.cache.entries] == [(3, 8)]
+
+
+def test_with_streams_a_hit_on_a_cached_entry_takes_its_id_over_without_a_copy():
+    h = streams(cache_entries=2)
+    h.submit("a", prompt(12), max_tokens=1)
+    h.run_until_idle()
+    assert [e.slot for e in h.scheduler.cache.entries] == [0]
+    h.submit("b", prompt(8) + prompt(4, 500))  # shares a's first 8 tokens
+    assert h.step()[0] == ("b", 0, 8, 4)
+    assert h.slot_of("b") == 0 and h.copies == []
+    assert h.released[-1] == (0, 8)  # a's cells past the shared prefix go
+    assert h.scheduler.cache.entries == []  # the entry is b's sequence now
+
+
+def test_with_streams_a_hit_is_copied_when_its_id_would_leave_a_gap():
+    h = streams(cache_entries=2)
+    h.submit("a", prompt(12), max_tokens=20)
+    h.submit("b", prompt(12, 200), max_tokens=1)
+    h.submit("c", prompt(12, 300), max_tokens=1)
+    h.step()  # b (id 1) and c (id 2) finish: entries; a runs in id 0
+    h.submit("d", prompt(8, 300) + prompt(4, 600))  # shares c's first 8
+    h.step()
+    # c's entry in id 2 would leave a gap after a; id 1 joins a, so the prefix is
+    # copied there (b's entry moves out of the way to id 3 first).
+    assert h.slot_of("d") == 1
+    assert h.copies == [(1, 3, 12), (2, 1, 8)]
+
+
+def test_with_streams_n_above_the_ids_runs_its_samples_in_turns():
+    h = streams(num_slots=3, max_running=3, cache_entries=1)
+    request = h.submit("a", prompt(8), max_tokens=3, n=5)
+    held, chunks = [], []
+    while h.scheduler.has_work():
+        chunks += h.step()
+        held.append(sum(1 for s in request.samples if s.slot is not None))
+    assert all(s.num_output == 3 for s in request.samples)
+    assert max(held) == 3
+    # The two that waited start from the prompt's cached KV, not from scratch.
+    assert [c for c in chunks if c[1] >= 3 and c[2] == 0] == []
+    assert sorted(c[2] for c in chunks if c[1] >= 3)[:2] == [8, 8]
+
+
+def test_with_streams_cells_past_the_shared_pool_preempt_no_one():
+    # 4 x 60 cells: far past a 64-cell pool, but each sample has 64 cells of its own.
+    h = streams(kv_capacity=64, cache_cells=64, token_budget=256, prefill_chunk=256)
+    for i in range(4):
+        h.submit(f"r{i}", prompt(40, 100 * (i + 1)), max_tokens=20)
+    h.run_until_idle()
+    assert h.scheduler.num_preempted == 0
+    assert all(r.samples[0].num_output == 20 for r in h.requests.values())

@@ -39,7 +39,7 @@ class EngineConfig:
     speculate_auto: bool  # prompt-lookup drafts for every request; `--speculate auto`
     speculate_max_running: int  # ... only while at most this many run; `--speculate-max-running`
     # Batch-invariant steps (`--deterministic`; needs a runner without a unified KV
-    # cache): fixed prompt chunks, each computed alone, no drafts.
+    # cache, the default): fixed prompt chunks, each computed alone, no drafts.
     deterministic: bool
 
 
@@ -49,10 +49,13 @@ def scheduler_config(config: EngineConfig, runner: Runner) -> SchedulerConfig:
         num_slots=runner.n_seq_max,
         max_running=min(config.max_running, runner.n_seq_max),
         kv_capacity=runner.n_ctx,
+        slot_cells=0 if runner.kv_unified else runner.n_ctx_seq,
         token_budget=min(config.token_budget, runner.n_batch),
         max_scored_rows=MAX_SCORED_ROWS,
         cache_entries=config.cache_entries,
-        cache_cells=runner.n_ctx // 4,
+        # In a unified cache idle cached cells slow every decode row's attention; in a
+        # stream of their own they cost only the memory, which is allocated anyway.
+        cache_cells=runner.n_ctx // 4 if runner.kv_unified else runner.n_ctx,
         prefill_chunk=config.prefill_chunk,
         min_cache_hit=MIN_CACHE_HIT,
         fixed_chunk=(

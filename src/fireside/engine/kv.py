@@ -6,7 +6,9 @@ last id is removed. All our sharing is of prefixes, so it is counted exactly
 with segments: a segment is a run of cells one holder (a llama.cpp sequence id)
 computed itself, starting at some position; every holder that shares it
 reaches some end in it. A segment's live cells run from its start to the
-furthest end any holder reaches.
+furthest end any holder reaches. Without a unified cache (a stream of cells per
+sequence id) a fork copies: the ledger is made with `shared=False`, and a fork
+counts as cells the destination holds alone.
 
 The prefix cache keeps the KV of finished sequences under their own sequence
 ids (LRU, bounded), so a later prompt with the same prefix forks it instead of
@@ -41,8 +43,9 @@ class _Holder:
 class KVLedger:
     """Cells in use, exactly, given every compute, fork and removal."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = True) -> None:
         self._holders: dict[int, _Holder] = {}
+        self._shared = shared  # forks share cells (unified cache) or copy them
         self.used = 0
 
     def end(self, holder: int) -> int:
@@ -66,6 +69,9 @@ class KVLedger:
         s = self._holders[src]
         if dst in self._holders and self._holders[dst].end:
             raise ValueError(f"fork into a non-empty holder {dst}")
+        if not self._shared:
+            self.grow(dst, min(length, s.end))  # a copy dst holds alone
+            return
         d = _Holder(end=length)
         for seg in s.segments:
             if seg.start >= length:

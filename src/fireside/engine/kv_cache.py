@@ -7,6 +7,14 @@ and by idle cells, least recently used first out. A prefix is shared only
 between requests with the same isolation key (None matches only None). It calls
 the runner through two callbacks only, `release` and `copy`, so it runs without
 a model in tests.
+
+With a stream of cells per sequence id (`streams`, llama.cpp without a unified
+cache) a fork copies a whole stream, cached entries cost running sequences
+nothing (bounded by entries only), and which id a new sample gets matters:
+llama.cpp computes a batch in one pass per run of consecutive sequence ids, so
+`take_slot` keeps running samples on adjacent ids, taking a cached entry's id
+over in place (no copy) when that is as good, and moving an entry out of the way
+when its id is the one to fill.
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ class KVCache:
         min_prefix: int,
         release: Callable[[int, int], None],
         copy: Callable[[int, int, int], None],
+        streams: bool = False,
     ) -> None:
+        self.streams = streams
+        self.num_slots = num_slots
         self._release = release  # (slot, start): drops a sequence id's cells from start on
         self._copy = copy  # (src, dst, length): dst shares src's first cells
         # Cells only the prefix cache holds. Every decode step's attention walks the
@@ -43,7 +54,7 @@ class KVCache:
         self._max_idle_cells = max_idle_cells
         self._min_prefix = min_prefix  # shorter shared prefixes are computed again, not kept
         self.free_slots = list(range(num_slots - 1, -1, -1))
-        self.ledger = KVLedger()
+        self.ledger = KVLedger(shared=not streams)
         self.prefix_cache = PrefixCache(max_entries)
 
     @property
@@ -53,6 +64,59 @@ class KVCache:
     def allocate(self) -> int:
         """A free sequence id (the caller checked `free_slots`)."""
         return self.free_slots.pop()
+
+    def take_slot(self, running: set[int], hit: PrefixHit | None) -> tuple[int, bool]:
+        """(streams) The id for a new running sample, given the ids running samples hold,
+        and whether it took over the cache entry of `hit` in place (its cells past the
+        hit are dropped; nothing is copied). The caller checked that an id is left.
+
+        Fewest runs of consecutive running ids first (each run is one more pass over
+        the weights in every step), then no copy (the hit's own entry), then no entry
+        moved, then the lowest id. An entry in the way moves to an empty id, or, with
+        none, to the least recently used entry's, which is dropped.
+        """
+        entries = {e.slot: e for e in self.prefix_cache.entries}
+        own = hit.entry if hit is not None else None
+        best: tuple[int, int, int] | None = None
+        for x in range(self.num_slots):
+            if x in running:
+                continue
+            joined = (x - 1 in running) + (x + 1 in running)
+            taken_over = own is not None and entries.get(x) is own
+            moves = x in entries and not taken_over
+            key = (-joined, 0 if taken_over else 1 + moves, x)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            raise RuntimeError("no sequence id left")
+        slot = best[2]
+        entry = entries.get(slot)
+        if entry is not None and entry is own and hit is not None:
+            self.prefix_cache.entries.remove(entry)
+            self.truncate(slot, hit.length)
+            return slot, True
+        if entry is not None:
+            self._move_out(entry, keep=own)
+        self.free_slots.remove(slot)
+        return slot, False
+
+    def _move_out(self, entry: CacheEntry, keep: CacheEntry | None) -> None:
+        """Move a cached entry to another id (a copy), or drop it if none is left."""
+        if not self.free_slots:
+            victims = [e for e in self.prefix_cache.entries if e is not keep]
+            lru = min(victims, key=lambda e: e.last_used)
+            self.prefix_cache.entries.remove(lru)
+            self.drop(lru.slot)
+            if lru is entry:
+                return
+        dst = min(self.free_slots)
+        self.free_slots.remove(dst)
+        length = self.ledger.end(entry.slot)
+        self.fork(entry.slot, dst, length)
+        self._release(entry.slot, 0)
+        self.ledger.drop(entry.slot)
+        self.free_slots.append(entry.slot)
+        entry.slot = dst
 
     def grow(self, slot: int, count: int) -> None:
         """The slot computed `count` more cells, after those it has."""

@@ -8,14 +8,17 @@ sequence slots and KV cells allow.
 Admission looks for the longest computed prefix of the prompt anywhere in the
 KV cache: in the prefix cache (finished samples' KV, kept under their own
 sequence ids) or in a running sample (so requests that arrive together with a
-shared prefix compute it once). A hit is forked with `seq_cp`, which in a
-unified cache shares cells instead of copying them. KV cells are counted
-exactly (`kv_cache.KVCache`), so llama.cpp never runs out: when room is short,
-cached entries go first (least recently used), then the newest sample is
-preempted (its cells dropped, its tokens recomputed later) instead of failing
-anyone. Priority requests (`service_tier: "priority"`) wait ahead of all others
-and are preempted only when no other sample could be; prefixes are shared only
-between requests with the same isolation key (kv_cache.py).
+shared prefix compute it once). A hit is forked with `seq_cp`, which copies a
+sequence's stream of cells (or, in a unified cache, shares the cells). With a
+stream per sequence id (the default) a sample never outgrows its own cells
+(the API caps a request's context at them) and a request with more samples
+than ids runs them in turns. In a unified cache KV cells are counted exactly
+(`kv_cache.KVCache`), so llama.cpp never runs out: when room is short, cached
+entries go first (least recently used), then the newest sample is preempted
+(its cells dropped, its tokens recomputed later) instead of failing anyone.
+Priority requests (`service_tier: "priority"`) wait ahead of all others and are
+preempted only when no other sample could be; prefixes are shared only between
+requests with the same isolation key (kv_cache.py).
 
 A decoding sample with a `Drafter` (speculation.py) may add guessed tokens to
 its decode chunk (`Chunk.draft`), within the token budget and the free cells;
@@ -50,7 +53,10 @@ class SchedulerConfig:
 
     num_slots: int  # llama.cpp sequence ids available
     max_running: int  # most sequences decoding at once (a request with n > this runs alone)
-    kv_capacity: int  # KV cells shared by all sequences
+    kv_capacity: int  # KV cells in all
+    # Cells each sequence id has to itself (llama.cpp's KV streams, the default); 0: the
+    # kv_capacity cells are one pool all ids share (--kv-unified).
+    slot_cells: int
     token_budget: int  # most tokens in one step's batch
     max_scored_rows: int  # MAX_SCORED_ROWS
     cache_entries: int  # finished sequences kept for their prefixes; 0: no prefix cache
@@ -102,6 +108,8 @@ class StepUpdate:
 
 # Room each running sample should have to decode for a while after an admission.
 _HEADROOM_PER_SAMPLE = 16
+# Free cells, with a stream per sequence id: not a limit.
+_UNBOUNDED = 1 << 62
 
 
 class Scheduler:
@@ -119,6 +127,7 @@ class Scheduler:
             min_prefix=config.min_cache_hit,
             release=release,
             copy=copy,
+            streams=config.slot_cells > 0,
         )
         self.waiting: deque[Waiting] = deque()  # priority tier first, then oldest first
         self.running: list[Sample] = []  # samples holding a slot
@@ -156,6 +165,8 @@ class Scheduler:
             for s in request.samples[1:]:
                 if s.slot is not None:
                     self._fork(first.seq_id, s, request.num_prompt)
+                elif not s.is_finished:
+                    self._enqueue(s, preempted=True)  # no id was left: its turn comes
             request.forked = True
         for sample in update.finished:
             self._free(sample)
@@ -215,6 +226,8 @@ class Scheduler:
         dst.num_computed = length
 
     def _free_cells(self) -> int:
+        if self.kv.streams:
+            return _UNBOUNDED  # every sample has its own stream, and fits in it
         return self.config.kv_capacity - self.kv.num_used_cells - self._pending
 
     # -- the schedule ------------------------------------------------------
@@ -360,12 +373,12 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------
 
-    @staticmethod
-    def _samples(work: Waiting) -> list[Sample]:
-        """The samples that start when `work` is admitted."""
+    def _samples(self, work: Waiting) -> list[Sample]:
+        """The samples that start when `work` is admitted: with more than there are
+        sequence ids, the first ones (the rest are queued once the prompt is shared)."""
         if isinstance(work, Sample):
             return [work]
-        return [s for s in work.samples if not s.is_finished]
+        return [s for s in work.samples if not s.is_finished][: self.config.num_slots]
 
     def _lookup(self, work: Waiting) -> PrefixHit | None:
         """The longest computed prefix of the work's tokens held anywhere, if worth forking."""
@@ -399,6 +412,9 @@ class Scheduler:
         cells -= hit.length if hit is not None else 0
         keep = hit.src if hit is not None else None
         num_running = len(self.running)
+        if self.kv.streams:
+            # Cached entries give their ids up as samples take them (KVCache.take_slot).
+            return slots <= self.config.num_slots - num_running
         while slots > len(self.kv.free_slots):
             if not self.kv.evict_one(keep):
                 return False
@@ -413,13 +429,23 @@ class Scheduler:
     def _admit(self, work: Waiting, hit: PrefixHit | None) -> list[Sample]:
         """Give the work its slots and any cached prefix; return the samples that compute now."""
         samples = self._samples(work)
-        for s in samples:
-            s.slot = self.kv.allocate()
+        for i, s in enumerate(samples):
+            in_place = False
+            if self.kv.streams:
+                held = {r.seq_id for r in self.running}
+                s.slot, in_place = self.kv.take_slot(held, hit if i == 0 else None)
+            else:
+                s.slot = self.kv.allocate()
             s.num_computed = 0
             self.running.append(s)
+            if i == 0 and hit is not None:
+                # Before the next sample takes an id: that may move the hit's entry.
+                if in_place:
+                    s.num_computed = hit.length  # the entry's cells, in its own id
+                else:
+                    self._fork(hit.src, s, hit.length)
         hit_length = 0
         if hit is not None:
-            self._fork(hit.src, samples[0], hit.length)
             if hit.entry is not None:
                 self.kv.touch(hit.entry, hit.length)
             hit_length = hit.length

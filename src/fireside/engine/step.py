@@ -73,9 +73,8 @@ class StepExecutor:
         self.runner = runner
         self.grammars = grammars
         self.stats = stats  # counters this module adds to
-        # A runner without a unified KV cache holds at most n_ctx_seq cells a sequence.
-        per_sequence = int(getattr(runner, "n_ctx_seq", runner.n_ctx))
-        self.context_length = min(runner.n_ctx_train, runner.n_ctx, per_sequence)
+        # Without a unified KV cache a sequence holds at most its stream's cells.
+        self.context_length = min(runner.n_ctx_train, runner.n_ctx, runner.n_ctx_seq)
         # --deterministic: each prompt chunk alone in its forward call, decode rows
         # together (docs/batch_invariance.md: what a row's logits then depend on).
         self.split_calls = split_calls
@@ -83,6 +82,10 @@ class StepExecutor:
     # -- build the batch ---------------------------------------------------
 
     def build_batch(self, chunks: list[Chunk]) -> StepPlan:
+        if not self.split_calls:
+            # In sequence id order: without a unified cache llama.cpp computes a batch
+            # in one pass per run of consecutive ids it meets in the batch's order.
+            chunks = sorted(chunks, key=lambda c: c.sample.seq_id)
         plan = StepPlan(chunks)
         batch = plan.batch
         for c in chunks:

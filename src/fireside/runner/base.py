@@ -125,7 +125,11 @@ class Runner(Protocol):
     """
 
     vocab_size: int
-    n_ctx: int  # KV cells shared by all sequences
+    n_ctx: int  # KV cells in all
+    # True: one pool of n_ctx cells all sequences share (`seq_copy` shares cells);
+    # False: each sequence id has its own stream of n_ctx_seq cells (`seq_copy` copies).
+    kv_unified: bool
+    n_ctx_seq: int  # most cells one sequence may hold (n_ctx when unified)
     n_ctx_train: int
     n_batch: int  # most tokens one forward call accepts
     n_seq_max: int  # sequence ids are in [0, n_seq_max)

@@ -1,7 +1,8 @@
 """The runner on llama.cpp's C API, through llama-cpp-python's low-level bindings.
 
-One model, one context, `n_seq_max` sequences in a unified KV cache (so
-`seq_copy` shares cells instead of copying them). Implements `runner.base.Runner`.
+One model, one context, `n_seq_max` sequences: each with a stream of KV cells of its
+own (`seq_copy` copies a whole stream), or, with `kv_unified`, all in one pool
+(`seq_copy` shares cells). Implements `runner.base.Runner`.
 Only the runner package (this module, `media.py`, `weights.py`) imports llama_cpp.
 """
 
@@ -34,19 +35,20 @@ class LlamaCppConfig:
     `config.ServeConfig`, the one place they live."""
 
     model_path: str
-    n_ctx: int  # KV cells shared by all sequences; `--ctx-size`
+    n_ctx: int  # KV cells in all; `--ctx-size`
     n_batch: int  # `--batch-size`
     n_seq_max: int  # sequence ids: running samples plus cached prefixes
     n_threads: int  # 0: the cores this process may use; `--threads`
     flash_attn: bool  # `--flash-attn`
     mmproj_path: str | None  # a vision projector (libmtmd): the model accepts images
     n_gpu_layers: int  # `--gpu-layers`: -1 all, 0 none (a CPU-only build has no GPU)
-    # Not server settings: llama.cpp's own log, and a switch for measuring.
+    # `--kv-unified`: one KV pool for all sequences, forks (n > 1, the prefix cache)
+    # share cells for free, but every row's attention walks every sequence's cells.
+    # False gives each sequence its own stream of n_ctx / n_seq_max cells (rounded up
+    # to 256), starting at cell 0 whatever the others hold; forks copy whole streams.
+    kv_unified: bool
+    # Not a server setting: llama.cpp's own log.
     verbose: bool = False
-    # One KV pool for all sequences: forks (n > 1, the prefix cache) share cells for
-    # free. False gives each sequence its own n_ctx / n_seq_max cells, starting at cell
-    # 0 whatever the others hold (--deterministic; forks copy).
-    kv_unified: bool = True
 
 
 def context_shape(config: LlamaCppConfig) -> tuple[int, int]:
@@ -63,6 +65,9 @@ def context_shape(config: LlamaCppConfig) -> tuple[int, int]:
     """
     n_batch = max(config.n_batch, config.n_seq_max)
     n_ctx = -(-max(config.n_ctx, config.n_seq_max) // _KV_PAD) * _KV_PAD
+    if not config.kv_unified:
+        # Each stream gets n_ctx / n_seq_max cells, which llama.cpp rounds up to 256.
+        n_ctx = -(-(n_ctx // config.n_seq_max) // _KV_PAD) * _KV_PAD * config.n_seq_max
     return n_ctx, min(n_batch, n_ctx)
 
 
@@ -270,7 +275,8 @@ class LlamaCppRunner(Vocabulary):
         self.n_batch = llama_cpp.llama_n_batch(ctx)
         self.n_seq_max = llama_cpp.llama_n_seq_max(ctx)
         # Without a unified cache each sequence id has its own stream of n_ctx / n_seq_max
-        # cells: a sequence holds at most that many (--deterministic).
+        # cells: a sequence holds at most that many.
+        self.kv_unified = config.kv_unified
         self.n_ctx_seq = self.n_ctx if config.kv_unified else self.n_ctx // self.n_seq_max
         self._read_vocabulary()
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
