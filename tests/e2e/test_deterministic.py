@@ -88,6 +88,25 @@ def test_n_2_samples_are_the_same_alone_and_beside_others(url):
     assert alone[0] != alone[1]  # two samples, not one twice
 
 
+def test_n_above_the_sequence_ids_runs_in_turns_with_the_same_samples(url, start_server):
+    # 2 + 1 sequence ids for 6 samples: in turns, each later sample starting from the
+    # prompt's cached cells (cut to a chunk boundary) instead of a fork, computing the
+    # rest and its first token again, and still bitwise the same.
+    body = {
+        "prompt": " ".join([PASSAGE] * 8),  # past one 256-token chunk
+        "max_tokens": 24,
+        "temperature": 1.0,
+        "seed": 9,
+        "n": 6,
+        "return_token_ids": True,
+    }
+    small = start_server("--deterministic", "--parallel", "2", "--prefix-cache", "1").url
+    in_turns = _post(small, body)["choices"]
+    at_once = _post(url, body)["choices"]
+    assert [c["token_ids"] for c in in_turns] == [c["token_ids"] for c in at_once]
+    assert len({c["text"] for c in at_once}) > 1
+
+
 def _scores(choice: dict) -> list:
     lp = choice["logprobs"]
     return [lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]]

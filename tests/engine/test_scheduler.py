@@ -430,6 +430,20 @@ def test_fixed_chunk_prefix_hits_end_on_a_boundary_within_the_source_prompt():
     assert b.num_cached == 32  # 40 shared prompt tokens, cut to the last 16-boundary
 
 
+def test_fixed_chunks_recompute_a_sample_as_it_was_computed_prompt_then_tokens():
+    # Preempted after 3 output tokens: its prompt again in the same 16-token chunks,
+    # ending where the prompt ends, then each output token alone, as its decode row was.
+    h = Harness(fixed_chunk=16, token_budget=64, prefill_chunk=64)
+    request = h.submit("a", prompt(20), max_tokens=10)
+    for _ in range(4):
+        h.step()
+    sample = request.samples[0]
+    assert sample.num_output == 3
+    h.scheduler._preempt(sample)
+    ran = [c[2:] for c in h.step() + h.step() + h.step() + h.step() + h.step()]
+    assert ran == [(0, 16), (16, 4), (20, 1), (21, 1), (22, 1)]
+
+
 # --- A stream of cells per sequence id (llama.cpp without a unified cache, the default)
 
 

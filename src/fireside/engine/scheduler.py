@@ -288,6 +288,12 @@ class Scheduler:
             fixed = self.config.fixed_chunk
             if fixed:
                 want = min(s.num_pending, fixed - s.num_computed % fixed)
+                if s.num_computed < s.num_prompt:
+                    want = min(want, s.num_prompt - s.num_computed)
+                else:
+                    # Output tokens computed again (a sample that waited for an id, or
+                    # was preempted): one a step, each as the decode row it was.
+                    want = 1
                 if (
                     want > budget
                     or want > self._free_cells()
