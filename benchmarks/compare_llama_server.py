@@ -17,7 +17,9 @@ it, and prints the numbers and the ratios to llama-server:
 to both servers as the file to serve (the same-file comparison where llama.cpp's
 kernels are fastest, so the servers' own overheads show most).
 
-One server runs at a time: two would compete for the same cores.
+One server runs at a time: two would compete for the same cores. Machines here
+drift by 10% and more from one minute to the next: `--repeat N` runs every kind N
+times, interleaved, and prints the median of the N paired ratios with their range.
 """
 
 from __future__ import annotations
@@ -263,6 +265,62 @@ def measure(kind: str, model: str, threads: int, w: Workload, extra: tuple[str, 
     return report.summary()
 
 
+def measure_kind(kind: str, model: str, threads: int, key: str, w: Workload) -> dict:
+    """One fresh server (or the raw loop) on workload `key`; a failure is a result too."""
+    try:
+        if kind == "raw":
+            return raw_decode(model, threads, w)
+        # W5 compares the engine with the raw loop, which has no drafts.
+        extra = ("--speculate", "off") if key == "W5" else ()
+        summary = measure(kind, model, threads, w, extra)
+        if key == "W5":
+            total = summary["prompt_tokens"] + summary["completion_tokens"]
+            summary["total_tok_s"] = round(total / summary["wall_s"], 1)
+        return summary
+    except Exception as exc:
+        return {"error": repr(exc)}
+
+
+def _value(summary: dict, field: str) -> float | None:
+    if field == "ttft_p50":
+        return (summary.get("ttft_s") or {}).get("p50")
+    return summary.get(field)
+
+
+def median_run(kind_runs: list[dict]) -> dict:
+    """The run with the median output (or total) tok/s, with every run's figure beside."""
+    field = "output_tok_s" if any("output_tok_s" in r for r in kind_runs) else "total_tok_s"
+    good = sorted((r for r in kind_runs if _value(r, field)), key=lambda r: _value(r, field))
+    if not good:
+        return kind_runs[-1]
+    chosen = dict(good[(len(good) - 1) // 2])
+    if len(kind_runs) > 1:
+        chosen[f"runs_{field}"] = [_value(r, field) for r in kind_runs]
+    return chosen
+
+
+def paired(key: str, runs: dict, kind: str, base: str, field: str) -> list[float]:
+    """`kind`'s figure over `base`'s, run by run (run i of each ran side by side)."""
+    out = []
+    for mine, theirs in zip(runs[key].get(kind, []), runs[key].get(base, []), strict=False):
+        x, y = _value(mine, field), _value(theirs, field)
+        if x and y:
+            out.append(x / y)
+    return out
+
+
+def spread(ratios: list[float]) -> str:
+    """The median ratio, and the range when there are several."""
+    if not ratios:
+        return "  n/a"
+    ordered = sorted(ratios)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    if len(ordered) == 1:
+        return f"{median:5.2f}x"
+    return f"{median:5.2f}x ({ordered[0]:.2f}-{ordered[-1]:.2f}, {len(ordered)} runs)"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -273,6 +331,12 @@ def main() -> int:
     ap.add_argument("--requests-scale", type=float, default=1.0, help="scale request counts")
     ap.add_argument(
         "--q8-0", action="store_true", help="serve both a Q8_0 conversion of the embedded file"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each kind, interleaved; ratios are the median of the paired runs",
     )
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     ap.add_argument(
@@ -289,42 +353,35 @@ def main() -> int:
 
         model = weights.convert(model, "q8_0")
     results: dict[str, dict[str, dict]] = {}
+    runs: dict[str, dict[str, list[dict]]] = {}  # every run, in order, for the paired ratios
     for key in a.only:
         title, w = WORKLOADS[key]
         w = replace(w, requests=max(1, round(w.requests * a.requests_scale)))
         print(f"\n== {key}: {title}", flush=True)
         # The raw loop runs the file as given: the served engine must too.
         kinds = ["raw", "fireside-same-file"] if key == "W5" else a.kinds
-        for kind in kinds:
-            if key == "W4" and kind == "llama-server":
-                continue  # llama-server's completions take no n; W4b is its comparison
-            try:
-                if kind == "raw":
-                    summary = raw_decode(model, a.threads, w)
-                else:
-                    # W5 compares the engine with the raw loop, which has no drafts.
-                    extra = ("--speculate", "off") if key == "W5" else ()
-                    summary = measure(kind, model, a.threads, w, extra)
-                    if key == "W5":
-                        total = summary["prompt_tokens"] + summary["completion_tokens"]
-                        summary["total_tok_s"] = round(total / summary["wall_s"], 1)
-            except Exception as exc:  # a server that fails is a result too
-                summary = {"error": repr(exc)}
-            results.setdefault(key, {})[kind] = summary
-            print(f"  {kind:>19}: {json.dumps(summary)}", flush=True)
-    if "W5" in results and "total_tok_s" in results["W5"].get("fireside-same-file", {}):
-        w5 = results["W5"]
-        ratio = w5["fireside-same-file"]["total_tok_s"] / w5["raw"]["total_tok_s"]
-        print(f"\n== W5 engine efficiency: served/raw total tok/s = {ratio:.2f}")
+        for _ in range(a.repeat):  # kinds interleaved: a drifting machine hits each alike
+            for kind in kinds:
+                if key == "W4" and kind == "llama-server":
+                    continue  # llama-server's completions take no n; W4b is its comparison
+                summary = measure_kind(kind, model, a.threads, key, w)
+                runs.setdefault(key, {}).setdefault(kind, []).append(summary)
+                print(f"  {kind:>19}: {json.dumps(summary)}", flush=True)
+        for kind, kind_runs in runs[key].items():
+            results.setdefault(key, {})[kind] = median_run(kind_runs)
+    if "W5" in runs:
+        ratios = paired("W5", runs, "fireside-same-file", "raw", "total_tok_s")
+        if ratios:
+            print(f"\n== W5 engine efficiency: served/raw total tok/s = {spread(ratios)}")
     print("\n== ratios to llama-server (output tok/s; TTFT p50)")
-    for key, by_kind in results.items():
-        base = by_kind.get("llama-server", {})
-        for kind, s in by_kind.items():
-            if kind == "llama-server" or "output_tok_s" not in s or "output_tok_s" not in base:
+    for key, by_kind in runs.items():
+        for kind in by_kind:
+            if kind in ("llama-server", "raw"):
                 continue
-            tps = s["output_tok_s"] / base["output_tok_s"]
-            ttft = s["ttft_s"]["p50"] / base["ttft_s"]["p50"] if base["ttft_s"] else float("nan")
-            print(f"  {key} {kind:>19}: {tps:5.2f}x tok/s, {ttft:5.2f}x TTFT p50")
+            tps = paired(key, runs, kind, "llama-server", "output_tok_s")
+            ttft = paired(key, runs, kind, "llama-server", "ttft_p50")
+            if tps:
+                print(f"  {key} {kind:>19}: {spread(tps)} tok/s, {spread(ttft)} TTFT p50")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
     return 0
