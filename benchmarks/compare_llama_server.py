@@ -282,8 +282,8 @@ def measure_kind(kind: str, model: str, threads: int, key: str, w: Workload) -> 
 
 
 def _value(summary: dict, field: str) -> float | None:
-    if field == "ttft_p50":
-        return (summary.get("ttft_s") or {}).get("p50")
+    if field.startswith("ttft_"):  # ttft_p50, ttft_p90
+        return (summary.get("ttft_s") or {}).get(field.removeprefix("ttft_"))
     return summary.get(field)
 
 
@@ -373,15 +373,17 @@ def main() -> int:
         ratios = paired("W5", runs, "fireside-same-file", "raw", "total_tok_s")
         if ratios:
             print(f"\n== W5 engine efficiency: served/raw total tok/s = {spread(ratios)}")
-    print("\n== ratios to llama-server (output tok/s; TTFT p50)")
+    print("\n== ratios to llama-server (output tok/s; TTFT p50, p90)")
     for key, by_kind in runs.items():
         for kind in by_kind:
             if kind in ("llama-server", "raw"):
                 continue
             tps = paired(key, runs, kind, "llama-server", "output_tok_s")
-            ttft = paired(key, runs, kind, "llama-server", "ttft_p50")
+            p50 = paired(key, runs, kind, "llama-server", "ttft_p50")
+            p90 = paired(key, runs, kind, "llama-server", "ttft_p90")
             if tps:
-                print(f"  {key} {kind:>19}: {spread(tps)} tok/s, {spread(ttft)} TTFT p50")
+                print(f"  {key} {kind:>19}: {spread(tps)} tok/s")
+                print(f"  {key} {'':>19}  {spread(p50)} TTFT p50, {spread(p90)} TTFT p90")
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
     return 0

@@ -3,7 +3,7 @@ prompt length, and resident memory against concurrency (issue 13).
 
     python benchmarks/sweep.py --threads 2 [--kinds fireside llama-server] \\
         [--concurrency 1 2 4 8 16 32 64] [--prompt-lengths 128 256 512 1024 2048 4096] \\
-        [--out docs/sweep.json] [--charts docs/]
+        [--out docs/sweep.json] [--charts docs/] [--merge docs/sweep.json]
 
 For each server kind, one fresh server per point (cold caches), `fireside bench`
 with unique prompts and 128 tokens out (ignore_eos): the concurrency sweep with
@@ -148,9 +148,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kinds", nargs="+", default=["fireside", "llama-server"])
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
+    ap.add_argument("--concurrency", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument(
-        "--prompt-lengths", nargs="+", type=int, default=[128, 256, 512, 1024, 2048, 4096]
+        "--prompt-lengths", nargs="*", type=int, default=[128, 256, 512, 1024, 2048, 4096]
+    )
+    ap.add_argument(
+        "--merge",
+        default=None,
+        help="start from the points of this JSON (an earlier --out); the new ones replace theirs",
     )
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     ap.add_argument("--charts", default=None, help="write PNG charts into this folder")
@@ -162,6 +167,9 @@ def main() -> int:
         kinds.remove("llama-server")
     model = str(default_model_path())
     results: dict[str, dict[str, dict[str, Any]]] = {k: {} for k in kinds}
+    if a.merge:
+        for kind, by_point in json.loads(Path(a.merge).read_text()).items():
+            results.setdefault(kind, {}).update(by_point)
     for point in points(a.concurrency, a.prompt_lengths):
         for kind in kinds:
             try:
