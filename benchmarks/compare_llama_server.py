@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -313,12 +314,10 @@ def spread(ratios: list[float]) -> str:
     """The median ratio, and the range when there are several."""
     if not ratios:
         return "  n/a"
-    ordered = sorted(ratios)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    if len(ordered) == 1:
+    median = statistics.median(ratios)
+    if len(ratios) == 1:
         return f"{median:5.2f}x"
-    return f"{median:5.2f}x ({ordered[0]:.2f}-{ordered[-1]:.2f}, {len(ordered)} runs)"
+    return f"{median:5.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} runs)"
 
 
 def main() -> int:

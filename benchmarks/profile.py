@@ -89,7 +89,7 @@ def loop_category(frames: list[str]) -> str:
     if any("write" in f.split(" (")[0].lower() for f in frames[-4:]):
         return "socket writes"
     python = " ".join(frames)
-    if "json" in python.lower() or "JSONEncoder" in python:
+    if "json" in python.lower():
         return "JSON encoding"
     if "fireside/api" in python:
         return "API Python (chunks, choices, logs, metrics)"
